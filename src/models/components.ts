@@ -8,6 +8,8 @@ import { shapeOps, type ShapeOnly } from '../ops/shape-ops.js';
 import { parseClipTextConfig, type ClipTextConfig } from './clip/config.js';
 import { clipTextEncoder, isClipTextBuffer } from './clip/text-encoder.js';
 import { parseUnetConfig } from './unet/config.js';
+import { parseVaeConfig, type VaeConfig } from './vae/config.js';
+import { vaeDecode, vaeEncode } from './vae/vae.js';
 import { unetManifest } from './unet/unet.js';
 
 export interface ParsedComponent {
@@ -45,8 +47,18 @@ export function clipTextManifest(cfg: ClipTextConfig): Map<string, number[]> {
   return new Map([...scope.entries].map(([k, s]) => [k, [...s]]));
 }
 
+/** Every key and shape of an AutoencoderKL config: one dry encode and decode over shapes alone. */
+export function vaeManifest(cfg: VaeConfig): Map<string, number[]> {
+  const scope = new ManifestScope<ShapeOnly>((_k, shape) => ({ shape: [...shape] }));
+  const side = cfg.downscale;
+  vaeEncode(shapeOps, scope, { shape: [1, side, side, cfg.imageChannels] }, cfg);
+  vaeDecode(shapeOps, scope, { shape: [1, 1, 1, cfg.latentChannels] }, cfg);
+  return new Map([...scope.entries].map(([k, s]) => [k, s.length === 4 ? [s[3]!, s[2]!, s[0]!, s[1]!] : [...s]]));
+}
+
 /** Component kinds by the class name `model_index.json` gives. */
 export const COMPONENT_KINDS: ReadonlyMap<string, ComponentKind> = new Map<string, ComponentKind>([
   ['UNet2DConditionModel', kind(parseUnetConfig, unetManifest)],
+  ['AutoencoderKL', kind(parseVaeConfig, vaeManifest)],
   ['CLIPTextModel', kind(parseClipTextConfig, clipTextManifest, isClipTextBuffer)],
 ]);
