@@ -23,6 +23,7 @@ function printReport(r: InspectReport): void {
   if (r.metadata && Object.keys(r.metadata).length > 0) {
     out.push(`  metadata: ${Object.keys(r.metadata).join(', ')}`);
   }
+  for (const note of r.notes ?? []) out.push(`  note: ${note}`);
   for (const c of r.components) {
     out.push(`  ${c.name} (${c.library}.${c.className})`);
     if (c.weightFiles.length > 0) out.push(`    files: ${c.weightFiles.join(', ')}${c.variant ? ` (variant ${c.variant})` : ''}`);

@@ -5,6 +5,10 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { COMPONENT_KINDS } from '../models/components.js';
+import { checkProblems, detectCheckpoint, UnsupportedModelError, type Detection } from './detect.js';
+import { DTYPE_BYTES } from './dtypes.js';
+import { COMPONENT_NAMES } from './ldm-keys.js';
+import { openTensorSource } from './single-file.js';
 import { findWeightFiles, readComponentConfig, readModelIndex } from './diffusers.js';
 import { SafetensorsFile, type TensorInfo } from './safetensors.js';
 
@@ -41,13 +45,15 @@ export interface ComponentReport {
 
 export interface InspectReport {
   readonly path: string;
-  readonly format: 'diffusers-folder' | 'safetensors-file';
+  readonly format: 'diffusers-folder' | 'safetensors-file' | 'pickle-file';
   /** Human-readable architecture, e.g. `SD 1.x`, read from configs or tensor shapes. */
   readonly architecture: string;
   readonly pipelineClass?: string;
   readonly components: readonly ComponentReport[];
   /** A single file's `__metadata__`. */
   readonly metadata?: Readonly<Record<string, string>>;
+  /** Single files: assumptions made reading the configs from shapes, EMA presence, skipped keys. */
+  readonly notes?: readonly string[];
   readonly stats?: TensorStats;
   readonly problems: readonly string[];
 }
@@ -58,9 +64,8 @@ export async function inspectModel(target: string): Promise<InspectReport> {
   if (stat === undefined) throw new Error(`${target}: no such file or folder`);
   if (stat.isDirectory()) return inspectFolder(target);
   if (target.endsWith('.safetensors')) return inspectFile(target);
-  throw new Error(
-    `${target}: not a diffusers folder or a .safetensors file (.ckpt/.pt pickles are not read yet; convert to safetensors)`,
-  );
+  if (/\.(ckpt|pt|pth)$/i.test(target)) return inspectPickle(target);
+  throw new Error(`${target}: not a diffusers folder, a .safetensors file or a .ckpt/.pt/.pth checkpoint`);
 }
 
 async function headersOf(files: readonly string[]): Promise<{ infos: Map<string, TensorInfo>; metadata: Record<string, string> }> {
@@ -193,13 +198,71 @@ function architectureFromKeys(infos: ReadonlyMap<string, TensorInfo>): string {
 
 async function inspectFile(file: string): Promise<InspectReport> {
   const { infos, metadata } = await headersOf([file]);
+  return describeSingleFile(file, 'safetensors-file', infos, metadata);
+}
+
+/** A PyTorch checkpoint through the safe pickle reader: the same report from its tensor list. */
+async function inspectPickle(file: string): Promise<InspectReport> {
+  const source = await openTensorSource(file);
+  try {
+    const infos = new Map<string, TensorInfo>();
+    for (const [name, t] of source.tensors) {
+      infos.set(name, { name, dtype: t.dtype, shape: t.shape, start: 0, end: t.shape.reduce((a, b) => a * b, 1) * DTYPE_BYTES[t.dtype] });
+    }
+    return describeSingleFile(file, 'pickle-file', infos, source.metadata);
+  } finally {
+    await source.close();
+  }
+}
+
+/** Architecture, per-component counts and dtypes, EMA and skipped keys of a single-file checkpoint, from its tensor list. */
+function describeSingleFile(
+  file: string,
+  format: 'safetensors-file' | 'pickle-file',
+  infos: ReadonlyMap<string, TensorInfo>,
+  metadata: Readonly<Record<string, string>>,
+): InspectReport {
+  const base = { path: file, format, metadata, stats: statsOf(infos.values()) };
+  let detection: Detection;
+  try {
+    detection = detectCheckpoint(infos, { metadata });
+  } catch (e) {
+    if (!(e instanceof Error)) throw e;
+    const what = e instanceof UnsupportedModelError ? e.architecture : 'unknown';
+    // Files that are not single-file checkpoints at all (component weights, …) keep the plain key-based description.
+    const isCheckpoint = [...infos.keys()].some((k) => k.startsWith('model.diffusion_model.'));
+    if (!isCheckpoint && ['diffusers component', 'CLIP text encoder', 'VAE', 'unknown'].includes(what)) {
+      return { ...base, architecture: architectureFromKeys(infos), components: [], problems: [] };
+    }
+    const architecture = what === 'unknown' ? architectureFromKeys(infos) : `${what} (not supported yet)`;
+    return { ...base, architecture, components: [], problems: [e.message.replace(/\n\s*/g, '; ')] };
+  }
+  const classes = { unet: ['diffusers', 'UNet2DConditionModel'], vae: ['diffusers', 'AutoencoderKL'], text_encoder: ['transformers', 'CLIPTextModel'] } as const;
+  const parsed = { unet: detection.parsed.unet, vae: detection.parsed.vae, text_encoder: detection.parsed.textEncoder };
+  const components: ComponentReport[] = COMPONENT_NAMES.map((name) => {
+    const c = detection.checks[name];
+    return {
+      name,
+      library: classes[name][0],
+      className: classes[name][1],
+      weightFiles: [path.basename(file)],
+      config: parsed[name],
+      stats: { tensors: c.tensors, parameters: c.parameters, bytes: c.bytes, dtypes: c.dtypes },
+      missingKeys: c.missing,
+      unexpectedKeys: c.unexpected,
+      shapeMismatches: c.wrongShape.map((w) => ({ key: w.key, expected: w.expected, found: w.found })),
+      problems: detection.absent.includes(name) ? [`not in this file`] : [],
+    };
+  });
+  const notes = [...detection.notes];
+  notes.push(detection.ema.present ? `EMA weights present (${detection.ema.tensors} tensors; load them with --ema)` : 'no EMA weights');
+  if (detection.ignored.length > 0) notes.push(`${detection.ignored.length} non-weight key(s) ignored (first: ${detection.ignored[0]!.key}: ${detection.ignored[0]!.reason})`);
+  if (detection.unmapped.length > 0) notes.push(`${detection.unmapped.length} key(s) belong to no component (first: ${detection.unmapped[0]})`);
   return {
-    path: file,
-    format: 'safetensors-file',
-    architecture: architectureFromKeys(infos),
-    components: [],
-    metadata,
-    stats: statsOf(infos.values()),
-    problems: [],
+    ...base,
+    architecture: `${detection.architecture} (original single-file layout)`,
+    components,
+    notes,
+    problems: [...checkProblems(detection), ...detection.absent.map((c) => `${c}: not in this file`)],
   };
 }

@@ -25,6 +25,7 @@ import { parseVaeConfig, type VaeConfig } from '../models/vae/config.js';
 import { renameDeprecatedVaeAttentionKey } from '../models/vae/vae.js';
 import { ParamError, type ParamStore } from '../ops/scope.js';
 import { readSchedulerConfig, type SchedulerConfig } from '../schedulers/config.js';
+import type { SingleFileOptions } from '../io/single-file.js';
 
 /** One loaded model component: its translated config, its parameters and where they came from. */
 export interface ModelPart<C> {
@@ -62,6 +63,8 @@ export type UnetModel = Pick<StableDiffusion, 'unet'>;
 export interface LoadOptions {
   /** Weight variant to read (`fp16`); default: the plain weights, else an fp16 variant if it is the only one. */
   readonly variant?: string;
+  /** For a single-file checkpoint: EMA weights, prediction type, config source (see `SingleFileOptions`). */
+  readonly singleFile?: SingleFileOptions;
 }
 
 /** The components txt2img/img2img need, with the model class each must be. */
@@ -80,7 +83,9 @@ export async function loadStableDiffusion(dir: string, opts: LoadOptions = {}): 
   const stat = await fs.stat(source).catch(() => undefined);
   if (stat === undefined) throw new ModelFolderError(`${dir}: no such model folder`, dir);
   if (!stat.isDirectory()) {
-    throw new ModelFolderError(`${dir}: is a file, not a diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)`, dir);
+    // A single-file checkpoint (original LDM layout, .safetensors or .ckpt): src/io/single-file.ts maps it.
+    const { loadSingleFile } = await import('../io/single-file.js');
+    return loadSingleFile(source, opts.singleFile ?? {});
   }
   const indexFile = path.join(source, 'model_index.json');
   if ((await fs.stat(indexFile).catch(() => undefined)) === undefined) {
