@@ -2,8 +2,11 @@
 /** The `sdwb` command: a thin commander layer over the library. */
 import { Command } from 'commander';
 import { createRequire } from 'node:module';
-import { registerTokenize } from './tokenize.js';
+import { registerConvert } from './convert.js';
+import { registerGenerate } from './generate.js';
 import { registerInspect } from './inspect.js';
+import { registerTokenize } from './tokenize.js';
+import { registerTrain } from './train.js';
 
 const require = createRequire(import.meta.url);
 const pkg = require('../../package.json') as { version: string };
@@ -18,13 +21,15 @@ program
     const backend = cmd.opts<{ backend?: string }>().backend;
     if (backend !== undefined) process.env.SDWB_BACKEND = backend;
   })
-  .showHelpAfterError()
   .exitOverride((err) => {
     // commander already printed its one-line message; keep its exit code (2 for usage errors).
     process.exit(err.exitCode === 0 ? 0 : 2);
   });
 
-registerTokenize(program);
 registerInspect(program);
+registerTokenize(program);
+registerGenerate(program);
+registerConvert(program);
+registerTrain(program);
 
 await program.parseAsync(process.argv);
