@@ -370,7 +370,8 @@ class Machine {
       case OP.BININT1:
         return this.push(this.u8());
       case OP.BININT2:
-        return this.push(this.take(2, 'BININT2 argument') && this.#view.getUint16(this.#pos - 2, true));
+        this.take(2, 'BININT2 argument');
+        return this.push(this.#view.getUint16(this.#pos - 2, true));
       case OP.BININT:
         this.take(4, 'BININT argument');
         return this.push(this.#view.getInt32(this.#pos - 4, true));
@@ -595,7 +596,13 @@ class Machine {
       case OP.EXT1:
       case OP.EXT2:
       case OP.EXT4: {
-        const code = op === OP.EXT1 ? this.u8() : op === OP.EXT2 ? (this.take(2, 'EXT2 code'), this.#view.getUint16(this.#pos - 2, true)) : this.u32();
+        let code: number;
+        if (op === OP.EXT1) code = this.u8();
+        else if (op === OP.EXT4) code = this.u32();
+        else {
+          this.take(2, 'EXT2 code');
+          code = this.#view.getUint16(this.#pos - 2, true);
+        }
         throw new PickleError(`extension code ${code}: the copyreg extension registry is not allowed (it would import an unnamed global)`);
       }
       default:
@@ -676,12 +683,11 @@ class Machine {
 
   // ---- argument readers
 
-  private take(count: number, what: string): true {
+  private take(count: number, what: string): void {
     if (count > this.#bytes.length - this.#pos) {
       throw new PickleTruncatedError(`${what}: needs ${count} bytes, only ${this.#bytes.length - this.#pos} left`);
     }
     this.#pos += count;
-    return true;
   }
 
   private u8(): number {

@@ -432,6 +432,8 @@ export async function readTorchCheckpointBytes(bytes: Uint8Array, name = '<memor
 
 async function loadFromSource(source: ByteSource, options: TorchReadOptions): Promise<TorchCheckpoint> {
   const file = source.name;
+  // Storage bytes are viewed as typed arrays, which use the host's byte order.
+  if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) throw new TorchCheckpointError(file, 'reading checkpoints needs a little-endian host');
   if (source.size === 0) throw new TorchCheckpointError(file, 'empty file: expected a torch checkpoint');
   const head = new Uint8Array(Math.min(source.size, 512));
   await readExactly(source, head, 0);
@@ -441,7 +443,7 @@ async function loadFromSource(source: ByteSource, options: TorchReadOptions): Pr
   }
   if (head[0] === 0x80) return loadLegacy(source, options);
   if (head.length >= 262 && String.fromCharCode(...head.subarray(257, 262)) === 'ustar') {
-    throw new TorchCheckpointError(file, 'tar-based torch checkpoint (torch < 0.4) is not supported');
+    throw new TorchCheckpointError(file, 'the tar-based format of very early torch versions is not supported');
   }
   const preview = [...head.subarray(0, 4)].map((b) => b.toString(16).padStart(2, '0')).join(' ');
   throw new TorchCheckpointError(file, `not a torch checkpoint: expected a zip archive (50 4b 03 04) or a pickle (80 …), found bytes ${preview}`);
@@ -462,7 +464,6 @@ async function loadZip(source: ByteSource, options: TorchReadOptions): Promise<T
   // Member names: only the torch layout is accepted, so path tricks ("../x", "/etc/x",
   // "archive/../../x") and TorchScript archives (code/, constants.pkl) stop here.
   const pickles: string[] = [];
-  let top: string | undefined;
   const records = new Map<string, ZipEntry>();
   for (const entry of archive.entries.values()) {
     const match = MEMBER_PATTERN.exec(entry.name);
@@ -476,7 +477,7 @@ async function loadZip(source: ByteSource, options: TorchReadOptions): Promise<T
   if (pickles.length !== 1) {
     throw fail(pickles.length === 0 ? 'no <top>/data.pkl member: not a torch checkpoint' : `${pickles.length} data.pkl members (${pickles.map(quote).join(', ')}): expected exactly one`);
   }
-  top = pickles[0]!.slice(0, -'/data.pkl'.length);
+  const top = pickles[0]!.slice(0, -'/data.pkl'.length);
   for (const name of records.keys()) {
     if (!name.startsWith(`${top}/`)) throw fail(`member ${quote(name)} is outside the archive folder ${quote(top)} that holds data.pkl`);
   }
