@@ -32,12 +32,19 @@ export interface UnetHooks<T> {
   readonly intermediates?: Map<string, T>;
 }
 
-export interface UnetOptions {
+export interface UnetOptions<T = unknown> {
   /**
    * Most attention-score elements (B·heads·Sq·Sk) computed at once; longer queries are chunked.
    * The default (2²⁴) keeps 64×64-latent self-attention (4,096 tokens) to 64 MB of scores per chunk.
    */
   readonly maxScoreElements?: number;
+  /**
+   * Wraps every ResnetBlock2D and Transformer2DModel call, told the block's diffusers path; must
+   * return `run(inputs)`'s value. Inputs are [hidden, temb] (ResNet) or [hidden, context]
+   * (transformer), the only tensors a block reads besides its parameters, so a wrapper can
+   * recompute the block in the backward pass (gradient checkpointing, `src/train/checkpointing.ts`).
+   */
+  readonly wrapBlock?: (path: string, run: (inputs: readonly T[]) => T, inputs: readonly T[]) => T;
 }
 
 /**
@@ -53,7 +60,7 @@ export function unet<T>(
   context: T,
   cfg: UnetConfig,
   hooks: UnetHooks<T> = {},
-  opts: UnetOptions = {},
+  opts: UnetOptions<T> = {},
 ): T {
   const root: Module<T> = { p, path: '' };
   const record = (name: string, t: T): T => {
@@ -68,23 +75,34 @@ export function unet<T>(
     throw new Error(`unet: latent size ${height}×${width} must be divisible by ${factor} (${levels} resolution levels)`);
   }
   const ch0 = cfg.blockChannels[0]!;
+  const block = (path: string, f: (inputs: readonly T[]) => T, inputs: readonly T[]): T =>
+    opts.wrapBlock === undefined ? f(inputs) : opts.wrapBlock(path, f, inputs);
   const resnet = (m: Module<T>, x: T, temb: T, inCh: number, outCh: number, outputScale = 1): T =>
-    resnetBlock2D(o, m.p, x, temb, { inCh, outCh, timeCh: cfg.timeEmbedDim, groups: cfg.groups, eps: cfg.eps, outputScale });
+    block(
+      m.path,
+      ([bx, bt]) => resnetBlock2D(o, m.p, bx!, bt!, { inCh, outCh, timeCh: cfg.timeEmbedDim, groups: cfg.groups, eps: cfg.eps, outputScale }),
+      [x, temb],
+    );
   const transformer = (m: Module<T>, x: T, level: number): T =>
-    transformer2D(
-      o,
-      m,
-      x,
-      context,
-      {
-        channels: cfg.blockChannels[level]!,
-        heads: cfg.numHeads[level]!,
-        depth: cfg.transformerDepth[level]!,
-        contextDim: cfg.contextDim[level]!,
-        groups: cfg.groups,
-        linearProjection: cfg.linearProjection,
-      },
-      run,
+    block(
+      m.path,
+      ([bx, bc]) =>
+        transformer2D(
+          o,
+          m,
+          bx!,
+          bc!,
+          {
+            channels: cfg.blockChannels[level]!,
+            heads: cfg.numHeads[level]!,
+            depth: cfg.transformerDepth[level]!,
+            contextDim: cfg.contextDim[level]!,
+            groups: cfg.groups,
+            linearProjection: cfg.linearProjection,
+          },
+          run,
+        ),
+      [x, context],
     );
 
   // 1. Time conditioning.
