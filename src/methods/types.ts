@@ -97,6 +97,11 @@ export interface ParamOverride {
   readonly value: tf.Tensor;
 }
 
+/** How strongly an artifact applies (methods without a strength ignore it). */
+export interface ApplyOptions {
+  readonly strength?: number;
+}
+
 /** A saved artifact applied to a loaded model, with its trigger words. */
 export interface AppliedArtifact {
   readonly patch: ModelPatch;
@@ -142,8 +147,11 @@ export interface TrainingMethod<C extends MethodConfig = MethodConfig, S = unkno
   artifacts(s: S, step: number): Promise<readonly Artifact[]>;
   /** How the current (in-training) state applies when generating sample images. */
   generationPatch(s: S): ModelPatch;
-  /** Applies a file this method saved to a loaded model (adds tokens, overrides weights, …). */
-  applyArtifact(model: StableDiffusion, file: string): Promise<AppliedArtifact>;
+  /**
+   * Applies a file this method saved to a loaded model (adds tokens, overrides weights, …);
+   * `strength` scales add-ons that have one (hypernetwork strength, LoRA weight).
+   */
+  applyArtifact(model: StableDiffusion, file: string, options?: ApplyOptions): Promise<AppliedArtifact>;
   /** Frees what `setup` created. */
   dispose(s: S): void;
 }

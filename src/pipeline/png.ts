@@ -26,8 +26,13 @@ export function a1111SamplerName(kind: SamplerKind, karras: boolean): string {
   return `${A1111_SAMPLER_NAMES[kind]}${karras ? ' Karras' : ''}`;
 }
 
-/** The A1111 parameters of image `index` of a run. */
-export function generationParameters(model: StableDiffusion, result: GenerateResult, index: number): GenerationParameters {
+/** The A1111 parameters of image `index` of a run; `extra` (add-ons' `TI hashes`, `Hypernet`, …) comes last, as A1111 appends them. */
+export function generationParameters(
+  model: StableDiffusion,
+  result: GenerateResult,
+  index: number,
+  extra: Readonly<Record<string, string>> = {},
+): GenerationParameters {
   const s = result.settings;
   const settings: Record<string, string> = {
     Steps: String(s.steps),
@@ -42,6 +47,7 @@ export function generationParameters(model: StableDiffusion, result: GenerateRes
   if (s.sampler === 'ddim' && s.eta !== 0) settings['Eta DDIM'] = String(s.eta);
   // A1111 counts the last layer as 1: its "Clip skip: 2" is our clipSkip 1.
   if (s.clipSkip > 0) settings['Clip skip'] = String(s.clipSkip + 1);
+  Object.assign(settings, extra);
   return { prompt: result.prompts[index] ?? '', negativePrompt: result.negativePrompts[index] ?? '', settings };
 }
 
@@ -70,13 +76,18 @@ export async function nextImageIndex(dir: string): Promise<number> {
  * Write every image of a run to `outDir` as `<index>-<seed>.png`, indices continuing after the
  * folder's existing images, each atomically (temporary file + rename). Returns the paths written.
  */
-export async function writeImages(model: StableDiffusion, result: GenerateResult, outDir: string): Promise<string[]> {
+export async function writeImages(
+  model: StableDiffusion,
+  result: GenerateResult,
+  outDir: string,
+  extra: Readonly<Record<string, string>> = {},
+): Promise<string[]> {
   await mkdir(outDir, { recursive: true });
   const firstIndex = await nextImageIndex(outDir);
   const paths: string[] = [];
   for (const [i, image] of result.images.entries()) {
     const file = path.join(outDir, `${firstIndex + i}-${String(result.seed)}.png`);
-    const bytes = await encodePng(image, { parameters: formatParameters(generationParameters(model, result, i)) });
+    const bytes = await encodePng(image, { parameters: formatParameters(generationParameters(model, result, i, extra)) });
     await writeFileAtomic(file, async (handle) => {
       await handle.writeFile(bytes);
     });

@@ -13,7 +13,8 @@
 import { randomInt } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs';
 import { nchwToNhwc, nhwcToNchw } from '../io/layout.js';
-import { isClipTextBuffer } from '../models/clip/text-encoder.js';
+import type { ModelPatch, ParamOverride } from '../methods/types.js';
+import { clipTextEncoder, isClipTextBuffer, textStatesForUnet } from '../models/clip/text-encoder.js';
 import { encodeText } from '../models/clip/text-encoder-tfjs.js';
 import {
   imageToTensor,
@@ -69,6 +70,13 @@ export interface CommonOptions {
   readonly onStart?: (total: number) => void;
   readonly onStep?: (done: number, total: number, info: StepInfo) => void;
   readonly signal?: AbortSignal;
+  /**
+   * Trained add-ons for this run (textual inversion, hypernetworks, LoRA, deltas; see
+   * `src/pipeline/addons.ts`): prompts are rewritten and token embeddings replaced while encoding,
+   * the UNet hooks run in every step, and parameter overrides hold from the text encoder to the
+   * last VAE decode, after which the parameters the patch touched get their previous values back.
+   */
+  readonly patch?: ModelPatch;
 }
 
 export interface GenerateOptions extends CommonOptions {
@@ -154,6 +162,8 @@ function expandBatch(opts: CommonOptions): Batch {
 /**
  * Text states for a batch: [B, S, D] of the prompts, or with guidance > 1 [2B, S, D] ordered
  * [negative × B, prompt × B] as diffusers concatenates them. Each distinct text is encoded once.
+ * A `patch` rewrites every text before tokenizing and may replace the token-embedding lookup
+ * (textual inversion's added tokens).
  */
 export function encodePrompts(
   model: StableDiffusion,
@@ -161,8 +171,10 @@ export function encodePrompts(
   negatives: readonly string[],
   guidance: number,
   clipSkip = 0,
+  patch: Pick<ModelPatch, 'rewritePrompt' | 'tokenEmbeddings'> = {},
 ): { context: tf.Tensor; warnings: string[] } {
-  const texts = guidance > 1 ? [...negatives, ...prompts] : [...prompts];
+  const rewrite = patch.rewritePrompt ?? ((text: string) => text);
+  const texts = (guidance > 1 ? [...negatives, ...prompts] : [...prompts]).map(rewrite);
   const distinct = [...new Set(texts)];
   const warnings: string[] = [];
   const window = model.tokenizer.encode('').length - 2;
@@ -171,11 +183,40 @@ export function encodePrompts(
     if (count > window) warnings.push(`prompt truncated to ${window} of its ${count} tokens: "${text.slice(0, 60)}${text.length > 60 ? '…' : ''}"`);
   }
   const ids = distinct.map((t) => model.tokenizer.encode(t));
-  const states = encodeText(model.text.store, model.text.cfg, ids, { clipSkip });
-  if (clipSkip === 0) assertWeightsUsed(model.text.store, 'text encoder', (k) => !isClipTextBuffer(k));
+  let states: tf.Tensor;
+  const tokenEmbeddings = patch.tokenEmbeddings;
+  if (tokenEmbeddings === undefined) {
+    states = encodeText(model.text.store, model.text.cfg, ids, { clipSkip });
+    if (clipSkip === 0) assertWeightsUsed(model.text.store, 'text encoder', (k) => !isClipTextBuffer(k));
+  } else {
+    // Ids of added tokens lie past the table, which encodeText rejects: the lookup is the patch's.
+    states = tf.tidy(() => {
+      const inputIds = tf.tensor2d(ids.flat(), [ids.length, ids[0]!.length], 'int32');
+      const p = model.text.store.scope();
+      const out = clipTextEncoder(tfOps, p, inputIds, model.text.cfg, { hiddenStates: clipSkip > 0, tokenEmbeddings });
+      return textStatesForUnet(tfOps, p, model.text.cfg, out, { clipSkip });
+    });
+  }
   const context = tf.tidy(() => tf.gather(states, tf.tensor1d(texts.map((t) => distinct.indexOf(t)), 'int32'), 0));
   states.dispose();
   return { context, warnings };
+}
+
+/**
+ * Sets a patch's parameter overrides (`ParamStore.override`) for one run; the returned function
+ * gives every touched key its previous value back. Keys must exist in the model.
+ */
+export function overrideParams(model: StableDiffusion, params: readonly ParamOverride[] = []): () => void {
+  const previous = params.map((o) => {
+    const store = model[o.component].store;
+    const before = store.get(o.key);
+    if (before === undefined) throw new Error(`${store.source}: the patch overrides '${o.key}', which is not a parameter of this model's ${o.component}`);
+    return { store, key: o.key, before };
+  });
+  params.forEach((o, i) => previous[i]!.store.override(o.key, o.value));
+  return () => {
+    for (const p of [...previous].reverse()) p.store.override(p.key, p.before);
+  };
 }
 
 interface ResolvedRun {
@@ -218,6 +259,16 @@ export function checkImageSize(model: StableDiffusion, width: number, height: nu
 
 /** Text-to-image: `opts.prompts` → final latents and decoded images. */
 export async function generate(model: StableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
+  const restore = overrideParams(model, opts.patch?.params);
+  try {
+    return await generatePatched(model, opts);
+  } finally {
+    restore();
+  }
+}
+
+// txt2img with the patch's overrides in place.
+async function generatePatched(model: StableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
   const run = resolveCommon(model, opts);
   const batch = expandBatch(opts);
   const width = opts.width ?? model.defaultSize.width;
@@ -234,7 +285,7 @@ export async function generate(model: StableDiffusion, opts: GenerateOptions): P
   // diffusers draws x_T only when no latents are given; the generator then serves the steps.
   const xT = opts.initLatents ?? drawInitialLatents(generator, shape);
 
-  const { context, warnings } = encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip);
+  const { context, warnings } = encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip, opts.patch);
   const start = tf.tidy(() => tf.mul(tf.tensor4d(nchwToNhwc(xT, shape).data, [shape[0], shape[2], shape[3], shape[1]]), sampler.initNoiseSigma));
   let final: tf.Tensor;
   try {
@@ -246,6 +297,7 @@ export async function generate(model: StableDiffusion, opts: GenerateOptions): P
       onStart: opts.onStart,
       onStep: opts.onStep,
       signal: opts.signal,
+      ...(opts.patch?.unetHooks === undefined ? {} : { unetHooks: opts.patch.unetHooks }),
     });
   } finally {
     start.dispose();
@@ -267,6 +319,16 @@ export async function generate(model: StableDiffusion, opts: GenerateOptions): P
 
 /** Image-to-image: noise the encoded images to the step `strength` selects, then denoise from there. */
 export async function img2img(model: StableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
+  const restore = overrideParams(model, opts.patch?.params);
+  try {
+    return await img2imgPatched(model, opts);
+  } finally {
+    restore();
+  }
+}
+
+// img2img with the patch's overrides in place (the VAE encoder may be among them).
+async function img2imgPatched(model: StableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
   const run = resolveCommon(model, opts);
   const batch = expandBatch(opts);
   const first = opts.initImages[0];
@@ -291,7 +353,7 @@ export async function img2img(model: StableDiffusion, opts: Img2ImgOptions): Pro
   let final: tf.Tensor;
   let warnings: string[] = [];
   try {
-    const encoded = encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip);
+    const encoded = encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip, opts.patch);
     warnings = encoded.warnings;
     try {
       final = await denoise(model, start, {
@@ -303,6 +365,7 @@ export async function img2img(model: StableDiffusion, opts: Img2ImgOptions): Pro
         onStart: opts.onStart,
         onStep: opts.onStep,
         signal: opts.signal,
+        ...(opts.patch?.unetHooks === undefined ? {} : { unetHooks: opts.patch.unetHooks }),
       });
     } finally {
       encoded.context.dispose();

@@ -27,17 +27,13 @@ import { ImageFolderDataset, type DataState } from '../data/image-folder.js';
 import { hashFile, LatentCache, latentBatches, type EncodeFn } from '../data/latent-cache.js';
 import type { DataConfig } from '../data/config.js';
 import { writeFileAtomic } from '../io/atomic.js';
-import { nchwToNhwc } from '../io/layout.js';
 import { loadSingleFile } from '../io/single-file.js';
 import { getMethod } from '../methods/registry.js';
 import type { AnyTrainingMethod, Artifact, ImageBatch, ModelPatch, RawBatch, StepCtx } from '../methods/types.js';
-import { clipTextEncoder } from '../models/clip/text-encoder.js';
-import { tensorToImage, vaeEncode, type Image8 } from '../models/vae/vae.js';
+import { vaeEncode, type Image8 } from '../models/vae/vae.js';
 import { tfOps } from '../ops/tfjs-ops.js';
-import { decodeLatents } from '../pipeline/txt2img.js';
-import { defaultSamplerKind, denoise, makeSampler } from '../pipeline/denoise.js';
+import { generate } from '../pipeline/txt2img.js';
 import { disposeStableDiffusion, loadStableDiffusion, type StableDiffusion } from '../pipeline/load.js';
-import { TorchGenerator } from '../schedulers/rng.js';
 import {
   latestCheckpoint,
   pruneCheckpoints,
@@ -540,6 +536,8 @@ async function sampleGrid(model: StableDiffusion, patch: ModelPatch, cfg: Method
   return pngGrid(images);
 }
 
+// One sample through the generation pipeline with the method's patch (the same path as
+// `sdwb generate` with add-ons): the sampler of the model's scheduler, seeded x_T.
 async function sampleImage(
   model: StableDiffusion,
   patch: ModelPatch,
@@ -549,43 +547,17 @@ async function sampleImage(
   width: number,
   height: number,
 ): Promise<Image8> {
-  const guidance = cfg.sample_guidance_scale;
-  const sampler = makeSampler(model.scheduler, { kind: defaultSamplerKind(model.scheduler), steps: cfg.sample_steps });
-  const generator = new TorchGenerator(seed);
-  const f = model.vae.cfg.downscale;
-  const c = model.unet.cfg.inChannels;
-  const [h, w] = [height / f, width / f];
-  const texts = guidance > 1 ? [cfg.sample_negative_prompt, prompt] : [prompt];
-  const ids = texts.map((t) => model.tokenizer.encode(patch.rewritePrompt?.(t) ?? t));
-  for (const o of patch.params ?? []) storeOf(model, o.component).override(o.key, o.value);
-  try {
-    const context = tf.tidy(() => {
-      const inputIds = tf.tensor2d(ids.flat(), [ids.length, ids[0]!.length], 'int32');
-      const hooks = patch.tokenEmbeddings === undefined ? {} : { tokenEmbeddings: patch.tokenEmbeddings };
-      return clipTextEncoder(tfOps, model.text.store.scope(), inputIds, model.text.cfg, hooks).lastHiddenState;
-    });
-    const xT = generator.randn([1, c, h, w]);
-    const start = tf.tidy(() => tf.mul(tf.tensor4d(nchwToNhwc(xT, [1, c, h, w]).data, [1, h, w, c]), sampler.initNoiseSigma));
-    let final: tf.Tensor;
-    try {
-      final = await denoise(model, start, { sampler, context, guidance, generator, ...(patch.unetHooks ? { unetHooks: patch.unetHooks } : {}) });
-    } finally {
-      start.dispose();
-      context.dispose();
-    }
-    try {
-      const decoded = await decodeLatents(model, final);
-      return tensorToImage(decoded.data, decoded.shape)[0]!;
-    } finally {
-      final.dispose();
-    }
-  } finally {
-    for (const o of patch.params ?? []) storeOf(model, o.component).clearOverrides();
-  }
-}
-
-function storeOf(model: StableDiffusion, component: 'unet' | 'text' | 'vae') {
-  return model[component].store;
+  const result = await generate(model, {
+    prompts: [prompt],
+    negativePrompt: cfg.sample_negative_prompt,
+    steps: cfg.sample_steps,
+    guidance: cfg.sample_guidance_scale,
+    seed,
+    width,
+    height,
+    patch,
+  });
+  return result.images[0]!;
 }
 
 /** Images side by side (up to 4 per row) as one PNG. */
