@@ -6,9 +6,9 @@
  * (only if the kill landed inside that call). The reader ignores such a tail; reopening a file for
  * appending cuts it off first, so the next line never glues onto a fragment.
  */
-import { closeSync, fsyncSync, ftruncateSync, fstatSync, mkdirSync, openSync, readSync, writeSync } from 'node:fs';
+import { ftruncateSync, fstatSync, readSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import path from 'node:path';
+import { AppendFile } from './append-file.js';
 
 /** One line of metrics.jsonl. Non-finite numbers are written as `null` (JSON has no NaN). */
 export interface MetricsRecord {
@@ -31,14 +31,17 @@ export interface MetricsInput {
 
 /** Appends records to a metrics.jsonl file, one whole line per write. */
 export class MetricsWriter {
-  readonly path: string;
-  #fd: number | undefined;
+  readonly #file: AppendFile;
   readonly #now: () => number;
 
-  private constructor(file: string, fd: number, now: () => number) {
-    this.path = file;
-    this.#fd = fd;
+  private constructor(file: AppendFile, now: () => number) {
+    this.#file = file;
     this.#now = now;
+  }
+
+  /** Absolute path of the metrics file. */
+  get path(): string {
+    return this.#file.path;
   }
 
   /**
@@ -46,20 +49,11 @@ export class MetricsWriter {
    * a killed run is cut off first.
    */
   static open(file: string, opts: { now?: () => number } = {}): MetricsWriter {
-    mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
-    const fd = openSync(file, 'a+');
-    try {
-      dropPartialTail(fd);
-    } catch (e) {
-      closeSync(fd);
-      throw e;
-    }
-    return new MetricsWriter(path.resolve(file), fd, opts.now ?? Date.now);
+    return new MetricsWriter(AppendFile.open(file, 'metrics writer', dropPartialTail), opts.now ?? Date.now);
   }
 
   /** Appends one record as a single line. */
   write(record: MetricsInput): void {
-    if (this.#fd === undefined) throw new Error(`${this.path}: metrics writer is closed`);
     if (!Number.isSafeInteger(record.step)) {
       throw new Error(`${this.path}: step must be an integer, got ${record.step}`);
     }
@@ -73,26 +67,17 @@ export class MetricsWriter {
     for (const [k, v] of Object.entries(extra)) {
       if (v !== undefined) line[k] = finiteOrNull(v);
     }
-    const bytes = Buffer.from(`${JSON.stringify(line)}\n`, 'utf8');
-    let off = 0;
-    while (off < bytes.length) off += writeSync(this.#fd, bytes, off, bytes.length - off);
+    this.#file.append(Buffer.from(`${JSON.stringify(line)}\n`, 'utf8'));
   }
 
   /** Forces written lines to stable storage. */
   flush(): void {
-    if (this.#fd !== undefined) fsyncSync(this.#fd);
+    this.#file.flush();
   }
 
   /** Flushes and closes; idempotent. */
   close(): void {
-    if (this.#fd === undefined) return;
-    const fd = this.#fd;
-    this.#fd = undefined;
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
+    this.#file.close();
   }
 }
 

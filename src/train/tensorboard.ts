@@ -10,7 +10,8 @@
  * file on disk always ends in whole records unless the process dies inside that one write call —
  * TensorBoard's reader stops quietly at a truncated last record.
  */
-import { closeSync, fsyncSync, mkdirSync, openSync, writeSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
+import { AppendFile } from './append-file.js';
 import { hostname } from 'node:os';
 import path from 'node:path';
 
@@ -111,15 +112,17 @@ export interface EventWriterOptions {
 
 /** Appends TensorBoard events (scalars, PNG images) to one `events.out.tfevents.*` file. */
 export class EventWriter {
-  /** Absolute path of the event file. */
-  readonly path: string;
-  #fd: number | undefined;
+  readonly #file: AppendFile;
   readonly #now: () => number;
 
-  private constructor(file: string, fd: number, now: () => number) {
-    this.path = file;
-    this.#fd = fd;
+  private constructor(file: AppendFile, now: () => number) {
+    this.#file = file;
     this.#now = now;
+  }
+
+  /** Absolute path of the event file. */
+  get path(): string {
+    return this.#file.path;
   }
 
   /**
@@ -133,9 +136,7 @@ export class EventWriter {
     const seconds = String(Math.floor(now() / 1000)).padStart(10, '0');
     const suffix = opts.suffix === undefined || opts.suffix === '' ? '' : `.${opts.suffix}`;
     const name = `events.out.tfevents.${seconds}.${hostname()}.${process.pid}.${filesOpened++}${suffix}`;
-    const file = path.resolve(logDir, name);
-    const fd = openSync(file, 'a');
-    const writer = new EventWriter(file, fd, now);
+    const writer = new EventWriter(AppendFile.open(path.resolve(logDir, name), 'event writer'), now);
     writer.#writeEvent({ wall_time: writer.#wallTime(), file_version: FILE_VERSION });
     return writer;
   }
@@ -169,19 +170,12 @@ export class EventWriter {
 
   /** Forces written events to stable storage (each write already reached the OS). */
   flush(): void {
-    if (this.#fd !== undefined) fsyncSync(this.#fd);
+    this.#file.flush();
   }
 
   /** Flushes and closes the file; further writes throw. Idempotent. */
   close(): void {
-    if (this.#fd === undefined) return;
-    const fd = this.#fd;
-    this.#fd = undefined;
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
+    this.#file.close();
   }
 
   #wallTime(): number {
@@ -196,13 +190,9 @@ export class EventWriter {
   }
 
   #writeEvent(event: Record<string, unknown>): void {
-    if (this.#fd === undefined) throw new Error(`${this.path}: event writer is closed`);
     const err = EventType.verify(event);
     if (err !== null) throw new Error(`${this.path}: invalid event: ${err}`);
     const data = EventType.encode(EventType.fromObject(event)).finish();
-    const record = frameRecord(data);
-    // One write call per record (see the file comment); loop only for the rare short write.
-    let off = 0;
-    while (off < record.length) off += writeSync(this.#fd, record, off, record.length - off);
+    this.#file.append(frameRecord(data));
   }
 }
