@@ -1,5 +1,5 @@
 /**
- * `sdwb generate`: txt2img / img2img on tfjs from a diffusers folder, PNGs with A1111 parameters.
+ * `sdwb generate`: txt2img / img2img on tfjs (a diffusers folder) or onnxruntime (an `sdwb export` folder), PNGs with A1111 parameters.
  * Progress goes to stderr; the seed and the files written go to stdout.
  */
 import path from 'node:path';
@@ -9,8 +9,19 @@ import { initBackend } from '../backend.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import type { Image8 } from '../models/vae/vae.js';
 import { disposeStableDiffusion, loadStableDiffusion, type StableDiffusion } from '../pipeline/load.js';
+import { checkOnnxImageSize, generateOnnx, img2imgOnnx, OnnxStableDiffusion, type ExecutionProviderChoice } from '../pipeline/onnx.js';
+import { ADDON_KINDS, AddonSpecError, checkAddonsAvailable, loadAddons, parseAddonSpec, type AddonSpec, type LoadedAddons } from '../pipeline/addons.js';
 import { writeImages } from '../pipeline/png.js';
-import { checkImageSize, generate, img2img, type CommonOptions, type GenerateResult, type Seed } from '../pipeline/txt2img.js';
+import {
+  checkImageSize,
+  generate,
+  img2img,
+  type CommonOptions,
+  type GenerateOptions,
+  type GenerateResult,
+  type Img2ImgOptions,
+  type Seed,
+} from '../pipeline/txt2img.js';
 import { SAMPLER_KINDS, type SamplerKind } from '../schedulers/sampler.js';
 import { ProgressReporter } from '../train/progress.js';
 import { runCommand, UsageError } from './errors.js';
@@ -35,7 +46,54 @@ interface GenerateFlags {
   clipSkip: number;
   variant?: string;
   engine: 'tfjs' | 'onnx';
+  threads?: number;
+  executionProvider: ExecutionProviderChoice;
   out: string;
+  /** Add-on files as given (`file` or `file:strength`), repeatable. */
+  embedding: string[];
+  hypernetwork: string[];
+  lora: string[];
+  delta: string[];
+}
+
+/** What `generateWith` needs of a loaded model, whichever engine runs it. */
+interface Engine {
+  readonly defaultSize: { readonly width: number; readonly height: number };
+  readonly downscale: number;
+  readonly latentChannels: number;
+  readonly modelHash: string;
+  checkImageSize(width: number, height: number): void;
+  generate(opts: GenerateOptions): Promise<GenerateResult>;
+  img2img(opts: Img2ImgOptions): Promise<GenerateResult>;
+  writeImages(result: GenerateResult, outDir: string): Promise<string[]>;
+}
+
+function tfjsEngine(model: StableDiffusion, addons?: LoadedAddons): Engine {
+  const patch = addons === undefined ? {} : { patch: addons.patch };
+  return {
+    defaultSize: model.defaultSize,
+    downscale: model.vae.cfg.downscale,
+    latentChannels: model.unet.cfg.inChannels,
+    modelHash: model.modelHash,
+    checkImageSize: (w, h) => checkImageSize(model, w, h),
+    generate: (o) => generate(model, { ...o, ...patch }),
+    img2img: (o) => img2img(model, { ...o, ...patch }),
+    writeImages: (r, dir) => writeImages(model, r, dir, addons?.infotextFor([...r.prompts, ...r.negativePrompts])),
+  };
+}
+
+function onnxEngine(model: OnnxStableDiffusion): Engine {
+  return {
+    defaultSize: model.defaultSize,
+    downscale: model.vae.cfg.downscale,
+    latentChannels: model.unet.cfg.inChannels,
+    modelHash: model.modelHash,
+    checkImageSize: (w, h) => checkOnnxImageSize(model, w, h),
+    generate: (o) => generateOnnx(model, o),
+    img2img: (o) => img2imgOnnx(model, o),
+    // writeImages reads only `modelHash` and `name` of the model (the A1111 parameters).
+    writeImages: (r, dir) => writeImages({ modelHash: model.modelHash, name: model.name } as StableDiffusion, r, dir),
+  };
 }
 
 function positiveInt(what: string) {
@@ -96,23 +154,60 @@ async function readRgb(file: string, size?: { width: number; height: number }): 
 }
 
 async function run(flags: GenerateFlags): Promise<void> {
-  if (flags.engine === 'onnx') {
-    throw new Error('--engine onnx: the onnxruntime pipeline is not available yet; use --engine tfjs');
-  }
   if (flags.initLatents !== undefined && flags.initImage !== undefined) {
     throw new UsageError('--init-latents and --init-image cannot be combined (img2img makes its own latents)');
   }
   if (flags.clipSkip < 1) throw new UsageError(`--clip-skip counts from 1 (no skip), got ${flags.clipSkip}`);
+  const specs = addonSpecs(flags);
+  if (specs.length > 0 && flags.engine === 'onnx') {
+    throw new UsageError(`--${specs[0]!.kind} needs --engine tfjs (an ONNX export is a fixed graph without add-on hooks)`);
+  }
   await initBackend();
+  if (flags.engine === 'onnx') {
+    if (flags.variant !== undefined) throw new UsageError('--variant applies to --engine tfjs (an ONNX export has one set of weights)');
+    // The networks run in onnxruntime; tfjs only does the latent arithmetic between them.
+    const model = await OnnxStableDiffusion.load(flags.model, {
+      executionProvider: flags.executionProvider,
+      ...(flags.threads !== undefined ? { intraOpNumThreads: flags.threads } : {}),
+    });
+    try {
+      await generateWith(onnxEngine(model), flags);
+    } finally {
+      await model.release();
+    }
+    return;
+  }
   const model = await loadStableDiffusion(flags.model, flags.variant === undefined ? {} : { variant: flags.variant });
+  let addons: LoadedAddons | undefined;
   try {
-    await generateWith(model, flags);
+    if (specs.length > 0) {
+      addons = await loadAddons(model, specs);
+      for (const w of addons.warnings) process.stderr.write(`warning: ${w}\n`);
+    }
+    await generateWith(tfjsEngine(model, addons), flags);
   } finally {
+    addons?.dispose();
     disposeStableDiffusion(model);
   }
 }
 
-async function generateWith(model: StableDiffusion, flags: GenerateFlags): Promise<void> {
+/** The --embedding/--hypernetwork/--lora/--delta flags as specs, checked before any model loads. */
+function addonSpecs(flags: GenerateFlags): AddonSpec[] {
+  try {
+    const specs = ADDON_KINDS.flatMap((kind) => flags[kind].map((text) => parseAddonSpec(kind, text)));
+    checkAddonsAvailable(specs);
+    return specs;
+  } catch (e) {
+    if (e instanceof AddonSpecError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+async function generateWith(model: Engine, flags: GenerateFlags): Promise<void> {
   let progress: ProgressReporter | undefined;
   const common: CommonOptions = {
     prompts: [flags.prompt],
@@ -137,16 +232,16 @@ async function generateWith(model: StableDiffusion, flags: GenerateFlags): Promi
   let result: GenerateResult;
   if (flags.initImage !== undefined) {
     const image = await readRgb(flags.initImage, width !== undefined && height !== undefined ? { width, height } : undefined);
-    result = await img2img(model, { ...common, initImages: [image], strength: flags.strength });
+    result = await model.img2img({ ...common, initImages: [image], strength: flags.strength });
   } else {
-    checkImageSize(model, width!, height!);
-    const f = model.vae.cfg.downscale;
-    const expected = [flags.batch, model.unet.cfg.inChannels, height! / f, width! / f];
+    model.checkImageSize(width!, height!);
+    const f = model.downscale;
+    const expected = [flags.batch, model.latentChannels, height! / f, width! / f];
     const initLatents =
       flags.initLatents === undefined
         ? undefined
         : await readInitLatents(flags.initLatents, expected, `--batch ${flags.batch} at ${width}x${height}, f = ${f}`);
-    result = await generate(model, { ...common, width: width!, height: height!, ...(initLatents ? { initLatents } : {}) });
+    result = await model.generate({ ...common, width: width!, height: height!, ...(initLatents ? { initLatents } : {}) });
   }
   progress?.done();
   for (const w of result.warnings) process.stderr.write(`warning: ${w}\n`);
@@ -160,14 +255,14 @@ async function generateWith(model: StableDiffusion, flags: GenerateFlags): Promi
     );
     process.stdout.write(`latents: ${flags.saveLatents}\n`);
   }
-  for (const file of await writeImages(model, result, flags.out)) process.stdout.write(`image: ${file}\n`);
+  for (const file of await model.writeImages(result, flags.out)) process.stdout.write(`image: ${file}\n`);
 }
 
 /** `sdwb generate`: txt2img (or img2img with --init-image) on tfjs, PNGs with A1111 parameters. */
 export function registerGenerate(program: Command): void {
   program
     .command('generate')
-    .description('generate images from a prompt (txt2img, or img2img with --init-image) on tfjs')
+    .description('generate images from a prompt (txt2img, or img2img with --init-image) on tfjs or onnxruntime')
     .requiredOption('--model <dir>', 'diffusers model folder')
     .requiredOption('--prompt <text>', 'the prompt')
     .option('--negative-prompt <text>', 'negative prompt (the unconditional text)', '')
@@ -186,7 +281,13 @@ export function registerGenerate(program: Command): void {
     .option('--strength <s>', 'img2img: fraction of the schedule to re-run, in (0, 1]', finite('--strength'), 0.8)
     .option('--clip-skip <n>', 'A1111 convention: 1 = last text-encoder layer, 2 = penultimate', positiveInt('--clip-skip'), 1)
     .option('--variant <name>', 'weight variant to load (fp16)')
-    .addOption(new Option('--engine <name>', 'inference engine').choices(['tfjs', 'onnx']).default('tfjs'))
+    .addOption(new Option('--engine <name>', 'inference engine (onnx: --model is a folder made by sdwb export)').choices(['tfjs', 'onnx']).default('tfjs'))
+    .option('--threads <n>', 'onnx: threads per op (default: all cores)', positiveInt('--threads'))
+    .addOption(new Option('--execution-provider <ep>', 'onnx: onnxruntime execution provider (auto: CUDA when installed, else CPU)').choices(['cpu', 'cuda', 'auto']).default('auto'))
+    .option('--embedding <file>', 'textual-inversion embedding (A1111 .pt/.safetensors, diffusers); repeatable; its word triggers it', collect, [])
+    .option('--hypernetwork <file[:strength]>', 'A1111 hypernetwork .pt at a strength (default 1); repeatable, applied in order', collect, [])
+    .option('--lora <file[:weight]>', 'LoRA at a weight (default 1); repeatable, increments add up', collect, [])
+    .option('--delta <file>', 'weight delta (ESD, UCE, …): replaces the tensors it holds; repeatable, applied before LoRAs', collect, [])
     .requiredOption('--out <dir>', 'folder for the PNGs (<index>-<seed>.png)')
     .action((flags: GenerateFlags) => runCommand('generate', () => run({ ...flags, out: path.resolve(flags.out) })));
 }

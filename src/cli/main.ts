@@ -3,6 +3,7 @@
 import { Command } from 'commander';
 import { createRequire } from 'node:module';
 import { registerConvert } from './convert.js';
+import { registerExport } from './export.js';
 import { registerGenerate } from './generate.js';
 import { registerInspect } from './inspect.js';
 import { registerTokenize } from './tokenize.js';
@@ -31,5 +32,6 @@ registerTokenize(program);
 registerGenerate(program);
 registerConvert(program);
 registerTrain(program);
+registerExport(program);
 
 await program.parseAsync(process.argv);

@@ -127,7 +127,7 @@ describe('sdwb generate', () => {
     ]);
   });
 
-  it('fails with one line for a size the VAE cannot divide, a wrong model path and the onnx engine', async () => {
+  it('fails with one line for a size the VAE cannot divide, a wrong model path and a non-exported model on the onnx engine', async () => {
     const size = await sdwb('generate', '--model', TINY_SD, '--prompt', 'x', '--width', '30', '--height', '32', '--out', dir);
     expect(size.code).toBe(1);
     expect(errorLines(size.stderr)).toEqual(['sdwb generate: width 30 is not a positive multiple of 4 (VAE factor 2 × 2^1 UNet downsamplings); try 32']);
@@ -138,6 +138,8 @@ describe('sdwb generate', () => {
 
     const onnx = await sdwb('generate', '--engine', 'onnx', '--model', TINY_SD, '--prompt', 'x', '--out', dir);
     expect(onnx.code).toBe(1);
-    expect(errorLines(onnx.stderr)).toEqual(['sdwb generate: --engine onnx: the onnxruntime pipeline is not available yet; use --engine tfjs']);
+    expect(errorLines(onnx.stderr)).toEqual([
+      `sdwb generate: ${TINY_SD}: no text_encoder/model.onnx — not an ONNX export (make one with sdwb export; --engine onnx needs one)`,
+    ]);
   });
 });
