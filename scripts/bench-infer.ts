@@ -29,7 +29,8 @@ import { parseUnetConfig, type UnetConfig } from '../src/models/unet/config.js';
 import { unetManifest } from '../src/models/unet/unet.js';
 import { denoise, makeSampler } from '../src/pipeline/denoise.js';
 import { disposeStableDiffusion, loadStableDiffusion, type UnetModel } from '../src/pipeline/load.js';
-import { openSession, runUnet, sampleLoop } from '../src/pipeline/onnx.js';
+import { sampleLoop } from '../src/pipeline/denoise.js';
+import { openSession, runUnet } from '../src/pipeline/onnx.js';
 import { encodePrompts } from '../src/pipeline/txt2img.js';
 import { readSchedulerConfig } from '../src/schedulers/config.js';
 

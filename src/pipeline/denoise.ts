@@ -110,21 +110,14 @@ export interface StepInfo {
   readonly latents: tf.Tensor;
 }
 
-export interface DenoiseOptions {
+export interface LoopOptions {
   readonly sampler: Sampler<tf.Tensor>;
-  /** Text states [B, S, D]; with guidance > 1, [2B, S, D] ordered [uncond × B, cond × B]. */
-  readonly context: tf.Tensor;
-  /** Classifier-free guidance scale w; ≤ 1 means the UNet runs on the cond states only. */
-  readonly guidance: number;
   /** First step index (img2img: {@link img2imgStartStep}); default 0. */
   readonly fromStep?: number;
   /** Stop before this step index (partial denoising); default the end of the schedule. */
   readonly toStep?: number;
   /** Source of the samplers' per-step noise (Euler a, DDIM η > 0), drawn NCHW as diffusers does. */
   readonly generator?: TorchGenerator;
-  /** UNet parameters (default: the model's own); e.g. frozen weights while others are trained. */
-  readonly unetScope?: Scope<tf.Tensor>;
-  readonly unetHooks?: UnetHooks<tf.Tensor>;
   /** Called once before the first step with the number of steps this run takes. */
   readonly onStart?: (total: number) => void;
   /** Called after each step with steps done and steps in this run. */
@@ -133,34 +126,33 @@ export interface DenoiseOptions {
   readonly signal?: AbortSignal;
 }
 
+export interface DenoiseOptions extends LoopOptions {
+  /** Text states [B, S, D]; with guidance > 1, [2B, S, D] ordered [uncond × B, cond × B]. */
+  readonly context: tf.Tensor;
+  /** Classifier-free guidance scale w; ≤ 1 means the UNet runs on the cond states only. */
+  readonly guidance: number;
+  /** UNet parameters (default: the model's own); e.g. frozen weights while others are trained. */
+  readonly unetScope?: Scope<tf.Tensor>;
+  readonly unetHooks?: UnetHooks<tf.Tensor>;
+}
+
 /**
- * Run the sampler from NHWC latents `latents` (already at the noise level of step `fromStep`,
- * i.e. scaled by initNoiseSigma or noised with {@link noiseToStep}). Returns new NHWC latents the
- * caller owns; `latents` and `context` are left to the caller. Between steps only the current
- * latents and the sampler state's held tensors stay alive.
+ * The sampling loop of every engine: `predict(xIn, i)` returns the (guided) model output for the
+ * scaled NHWC input at step i, as a tensor the loop then owns. Starts from `latents` (already at
+ * the noise level of step `fromStep`) and returns new latents the caller owns; `latents` is left
+ * alone. Between steps only the latents and the sampler state's tensors stay alive.
  */
-export async function denoise(model: UnetModel, latents: tf.Tensor, opts: DenoiseOptions): Promise<tf.Tensor> {
-  const { sampler, context, guidance } = opts;
+export async function sampleLoop(latents: tf.Tensor, predict: (xIn: tf.Tensor, i: number) => Promise<tf.Tensor>, opts: LoopOptions): Promise<tf.Tensor> {
+  const { sampler } = opts;
   const from = opts.fromStep ?? 0;
   const to = opts.toStep ?? sampler.timesteps.length;
   if (!(Number.isInteger(from) && Number.isInteger(to) && from >= 0 && from <= to && to <= sampler.timesteps.length)) {
     throw new Error(`denoise: steps [${from}, ${to}) are outside the ${sampler.timesteps.length}-step schedule`);
   }
-  const [batch, h, w, channels] = latents.shape as [number, number, number, number];
-  const guided = guidance > 1;
-  const expectedContext = guided ? 2 * batch : batch;
-  if (context.shape[0] !== expectedContext) {
-    throw new Error(
-      `denoise: ${context.shape[0]} text states for ${batch} latents (expected ${expectedContext}${guided ? ': [uncond, cond] per sample' : ''})`,
-    );
-  }
   if (sampler.needsNoise && opts.generator === undefined) {
     throw new Error(`denoise: the ${sampler.kind} sampler${sampler.kind === 'ddim' ? ' with eta > 0' : ''} needs a generator for its per-step noise`);
   }
-  const scope = opts.unetScope ?? model.unet.store.scope();
-  const checkWeights = opts.unetScope === undefined;
-  const cfg = model.unet.cfg;
-
+  const [batch, h, w, channels] = latents.shape as [number, number, number, number];
   let x = latents;
   let state = sampler.initialState;
   const release = () => {
@@ -171,34 +163,32 @@ export async function denoise(model: UnetModel, latents: tf.Tensor, opts: Denois
   try {
     for (let i = from; i < to; i++) {
       opts.signal?.throwIfAborted();
-      const t = sampler.timesteps[i]!;
-      // Drawn outside the step so the generator's stream order matches diffusers' (one draw per step).
+      // Drawn before the model call, one draw per step: the generator's stream order of diffusers.
       const noise = sampler.needsNoise ? nchwToNhwc(opts.generator!.randn([batch, channels, h, w]), [batch, channels, h, w]).data : undefined;
+      const xIn = tf.tidy(() => sampler.scaleModelInput(tfOps, x, i));
+      let eps: tf.Tensor;
+      try {
+        eps = await predict(xIn, i);
+      } finally {
+        if (xIn !== x) xIn.dispose();
+      }
       let next: { prev: tf.Tensor; state: unknown } | undefined;
       tf.tidy(() => {
-        const xIn = sampler.scaleModelInput(tfOps, x, i);
-        const modelIn = guided ? tf.concat([xIn, xIn], 0) : xIn; // [2B,h,w,C]: uncond half, cond half
-        const timesteps = tf.fill([modelIn.shape[0]!], t, 'float32');
-        const out = unet(tfOps, scope, modelIn, timesteps, context, cfg, opts.unetHooks);
-        let eps = out;
-        if (guided) {
-          const [uncond, cond] = tf.split(out, 2, 0) as [tf.Tensor, tf.Tensor];
-          eps = tf.add(uncond, tf.mul(tf.sub(cond, uncond), guidance));
-        }
         const noiseTensor = noise === undefined ? undefined : tf.tensor4d(noise, [batch, h, w, channels]);
         const r = sampler.step(tfOps, state, eps, i, x, noiseTensor);
         for (const held of [r.prev, ...sampler.heldTensors(r.state)]) tf.keep(held);
         next = { prev: r.prev, state: r.state };
       });
-      // Free the previous latents and history the new state no longer holds (never the caller's input).
+      // Free the model output, the previous latents and history the new state no longer holds
+      // (never the caller's input).
       const alive = new Set<tf.Tensor>([next!.prev, ...sampler.heldTensors(next!.state)]);
+      if (!alive.has(eps)) eps.dispose();
       for (const old of [x, ...sampler.heldTensors(state)]) {
         if (old !== latents && !alive.has(old)) old.dispose();
       }
       x = next!.prev;
       state = next!.state;
-      if (checkWeights) assertWeightsUsed(model.unet.store, 'UNet');
-      opts.onStep?.(i - from + 1, total, { index: i, timestep: t, latents: x });
+      opts.onStep?.(i - from + 1, total, { index: i, timestep: sampler.timesteps[i]!, latents: x });
       // Let I/O (progress output, signals) through between steps.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
@@ -209,4 +199,38 @@ export async function denoise(model: UnetModel, latents: tf.Tensor, opts: Denois
   }
   release();
   return x === latents ? tf.clone(latents) : x;
+}
+
+/**
+ * Run the sampler with the tfjs UNet and classifier-free guidance from NHWC latents `latents`
+ * (already at the noise level of step `fromStep`, i.e. scaled by initNoiseSigma or noised with
+ * {@link noiseToStep}). Returns new NHWC latents the caller owns; `latents` and `context` are left
+ * to the caller.
+ */
+export async function denoise(model: UnetModel, latents: tf.Tensor, opts: DenoiseOptions): Promise<tf.Tensor> {
+  const { context, guidance } = opts;
+  const batch = latents.shape[0]!;
+  const guided = guidance > 1;
+  const expectedContext = guided ? 2 * batch : batch;
+  if (context.shape[0] !== expectedContext) {
+    throw new Error(
+      `denoise: ${context.shape[0]} text states for ${batch} latents (expected ${expectedContext}${guided ? ': [uncond, cond] per sample' : ''})`,
+    );
+  }
+  const scope = opts.unetScope ?? model.unet.store.scope();
+  const checkWeights = opts.unetScope === undefined;
+  const cfg = model.unet.cfg;
+  const predict = async (xIn: tf.Tensor, i: number): Promise<tf.Tensor> => {
+    const eps = tf.tidy(() => {
+      const modelIn = guided ? tf.concat([xIn, xIn], 0) : xIn; // [2B,h,w,C]: uncond half, cond half
+      const timesteps = tf.fill([modelIn.shape[0]!], opts.sampler.timesteps[i]!, 'float32');
+      const out = unet(tfOps, scope, modelIn, timesteps, context, cfg, opts.unetHooks);
+      if (!guided) return out;
+      const [uncond, cond] = tf.split(out, 2, 0) as [tf.Tensor, tf.Tensor];
+      return tf.add(uncond, tf.mul(tf.sub(cond, uncond), guidance));
+    });
+    if (checkWeights) assertWeightsUsed(model.unet.store, 'UNet');
+    return eps;
+  };
+  return sampleLoop(latents, predict, opts);
 }

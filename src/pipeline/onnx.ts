@@ -6,9 +6,8 @@
  * order), the same CFG combination and latent arithmetic on tfjs tensors, the same image
  * post-processing. So a seed gives the same image on either engine, up to float rounding.
  *
- * The sampling loop is the one in `denoise.ts` with the UNet call made asynchronous (an ORT run
- * cannot sit inside a `tf.tidy`): {@link sampleLoop} takes the model as a function, so any
- * engine can drive it.
+ * The sampling loop is `denoise.ts`'s {@link sampleLoop}, which takes the model as an async
+ * function (an ORT run cannot sit inside a `tf.tidy`), so both engines share it.
  */
 import { existsSync, promises as fs } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -30,7 +29,7 @@ import { readSchedulerConfig, type SchedulerConfig } from '../schedulers/config.
 import { TorchGenerator } from '../schedulers/rng.js';
 import type { Sampler } from '../schedulers/sampler.js';
 import { readInitializers } from '../export/read.js';
-import { defaultSamplerKind, img2imgStartStep, makeSampler, noiseToStep, type SamplerSpec, type StepInfo } from './denoise.js';
+import { defaultSamplerKind, img2imgStartStep, makeSampler, noiseToStep, sampleLoop, type SamplerSpec } from './denoise.js';
 import { modelHashOf } from './load.js';
 import { drawInitialLatents, randomSeed, type CommonOptions, type GenerateOptions, type GenerateResult, type Img2ImgOptions, type RunSettings, type Seed } from './txt2img.js';
 
@@ -302,83 +301,6 @@ function posteriorOf(moments: tf.Tensor, latentChannels: number): Posterior<tf.T
   const mean = tfOps.slice(moments, [0, 0, 0, 0], [-1, -1, -1, latentChannels]);
   const logvar = tfOps.clip(tfOps.slice(moments, [0, 0, 0, latentChannels], [-1, -1, -1, latentChannels]), -30, 20);
   return { moments, mean, logvar, std: tfOps.exp(tfOps.mul(logvar, 0.5)) };
-}
-
-// =============================================================================================
-// The sampling loop
-
-export interface LoopOptions {
-  readonly sampler: Sampler<tf.Tensor>;
-  /** First step index (img2img); default 0. */
-  readonly fromStep?: number;
-  /** Stop before this step index; default the end of the schedule. */
-  readonly toStep?: number;
-  /** Source of per-step noise (Euler a, DDIM η > 0), drawn NCHW as diffusers does. */
-  readonly generator?: TorchGenerator;
-  readonly onStart?: (total: number) => void;
-  readonly onStep?: (done: number, total: number, info: StepInfo) => void;
-  readonly signal?: AbortSignal;
-}
-
-/**
- * `denoise`'s loop with the model as an async function: `predict(xIn, i)` returns the (guided)
- * model output for the scaled input at step i, NHWC; the caller owns neither. Returns new latents
- * the caller owns; `latents` is left alone. Between steps only the latents and the sampler
- * state's tensors stay alive.
- */
-export async function sampleLoop(latents: tf.Tensor, predict: (xIn: tf.Tensor, i: number) => Promise<tf.Tensor>, opts: LoopOptions): Promise<tf.Tensor> {
-  const { sampler } = opts;
-  const from = opts.fromStep ?? 0;
-  const to = opts.toStep ?? sampler.timesteps.length;
-  if (!(Number.isInteger(from) && Number.isInteger(to) && from >= 0 && from <= to && to <= sampler.timesteps.length)) {
-    throw new Error(`sampleLoop: steps [${from}, ${to}) are outside the ${sampler.timesteps.length}-step schedule`);
-  }
-  if (sampler.needsNoise && opts.generator === undefined) {
-    throw new Error(`sampleLoop: the ${sampler.kind} sampler${sampler.kind === 'ddim' ? ' with eta > 0' : ''} needs a generator for its per-step noise`);
-  }
-  const [batch, h, w, channels] = latents.shape as [number, number, number, number];
-  let x = latents;
-  let state = sampler.initialState;
-  const release = () => {
-    for (const held of sampler.heldTensors(state)) if (held !== x && held !== latents) held.dispose();
-  };
-  const total = to - from;
-  opts.onStart?.(total);
-  try {
-    for (let i = from; i < to; i++) {
-      opts.signal?.throwIfAborted();
-      // Drawn before the model call, one draw per step: the generator's stream order of diffusers.
-      const noise = sampler.needsNoise ? nchwToNhwc(opts.generator!.randn([batch, channels, h, w]), [batch, channels, h, w]).data : undefined;
-      const xIn = tf.tidy(() => sampler.scaleModelInput(tfOps, x, i));
-      let eps: tf.Tensor;
-      try {
-        eps = await predict(xIn, i);
-      } finally {
-        if (xIn !== x) xIn.dispose();
-      }
-      let next: { prev: tf.Tensor; state: unknown } | undefined;
-      tf.tidy(() => {
-        const noiseTensor = noise === undefined ? undefined : tf.tensor4d(noise, [batch, h, w, channels]);
-        const r = sampler.step(tfOps, state, eps, i, x, noiseTensor);
-        for (const held of [r.prev, ...sampler.heldTensors(r.state)]) tf.keep(held);
-        next = { prev: r.prev, state: r.state };
-      });
-      const alive = new Set<tf.Tensor>([next!.prev, ...sampler.heldTensors(next!.state)]);
-      if (!alive.has(eps)) eps.dispose();
-      for (const old of [x, ...sampler.heldTensors(state)]) {
-        if (old !== latents && !alive.has(old)) old.dispose();
-      }
-      x = next!.prev;
-      state = next!.state;
-      opts.onStep?.(i - from + 1, total, { index: i, timestep: sampler.timesteps[i]!, latents: x });
-    }
-  } catch (e) {
-    release();
-    if (x !== latents) x.dispose();
-    throw e;
-  }
-  release();
-  return x === latents ? tf.clone(latents) : x;
 }
 
 // =============================================================================================
