@@ -3,6 +3,7 @@
 import { Command } from 'commander';
 import { createRequire } from 'node:module';
 import { registerConvert } from './convert.js';
+import { registerEval } from './eval.js';
 import { registerExport } from './export.js';
 import { registerGenerate } from './generate.js';
 import { registerInspect } from './inspect.js';
@@ -32,6 +33,7 @@ registerTokenize(program);
 registerGenerate(program);
 registerConvert(program);
 registerTrain(program);
+registerEval(program);
 registerExport(program);
 
 await program.parseAsync(process.argv);
