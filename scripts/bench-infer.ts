@@ -14,7 +14,6 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import * as ort from 'onnxruntime-node';
 import { initBackend, type BackendName } from '../src/backend.js';
@@ -23,19 +22,12 @@ import { storeSource } from '../src/export/params.js';
 import type { LayoutPolicy } from '../src/export/recorder.js';
 import { recordGraph } from '../src/export/trace.js';
 import { writeOnnxModel } from '../src/export/write.js';
-import { isConvFilter, oihwToHwio } from '../src/io/layout.js';
-import { paramStore } from '../src/io/weights.js';
-import { parseUnetConfig, type UnetConfig } from '../src/models/unet/config.js';
-import { unetManifest } from '../src/models/unet/unet.js';
-import { denoise, makeSampler } from '../src/pipeline/denoise.js';
+import { applyGuidance, denoise, makeSampler, sampleLoop } from '../src/pipeline/denoise.js';
 import { disposeStableDiffusion, loadStableDiffusion, type UnetModel } from '../src/pipeline/load.js';
-import { sampleLoop } from '../src/pipeline/denoise.js';
 import { openSession, runUnet } from '../src/pipeline/onnx.js';
 import { encodePrompts } from '../src/pipeline/txt2img.js';
 import { readSchedulerConfig } from '../src/schedulers/config.js';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const TINY_SD = path.resolve(here, '../../shared/fixtures/tiny-sd');
+import { BENCH_PROMPT, disposeUnet, mediumUnetConfig, printTable, randomUnet, summarizeTimes, TINY_SD, type Timing } from './lib/bench-util.js';
 
 const args = process.argv.slice(2);
 const arg = (name: string) => args.find((_, i) => args[i - 1] === name);
@@ -44,26 +36,6 @@ const medium = !args.includes('--no-medium');
 const backend = arg('--backend') as BackendName | undefined;
 const threads = Number(arg('--threads') ?? availableParallelism());
 const layouts = (arg('--layouts') ?? 'nchw,nhwc').split(',') as LayoutPolicy[];
-
-/** The medium UNet of scripts/bench.ts (the Python reference's timing model). */
-const MEDIUM_CONFIG = {
-  sample_size: 32,
-  in_channels: 4,
-  out_channels: 4,
-  layers_per_block: 1,
-  block_out_channels: [64, 128, 256],
-  down_block_types: ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
-  cross_attention_dim: 256,
-  attention_head_dim: 8,
-  norm_num_groups: 32,
-};
-
-interface Timing {
-  readonly minMs: number;
-  readonly ms: number;
-  readonly runs: number;
-}
 
 interface Variant {
   readonly engine: string;
@@ -89,24 +61,7 @@ async function timeVariants(variants: readonly Variant[]): Promise<{ timings: Ti
       times[i]!.push(performance.now() - t0);
     }
   }
-  const timings = times.map((ts) => {
-    const sorted = [...ts].sort((a, b) => a - b);
-    return { minMs: sorted[0]!, ms: sorted[Math.floor(sorted.length / 2)]!, runs: sorted.length };
-  });
-  return { timings, outputs };
-}
-
-/** N(0, 0.05²) weights (norm gains 1) for every key of the config, as scripts/bench.ts builds them. */
-function randomUnet(cfg: UnetConfig): UnetModel {
-  const tensors = new Map<string, tf.Tensor>();
-  for (const [key, shape] of unetManifest(cfg)) {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const data = Float32Array.from(tf.randomNormal([n], 0, 0.05, 'float32', 7).dataSync());
-    if (/norm[^.]*\.weight$/.test(key)) data.fill(1);
-    const internal = isConvFilter(shape) ? oihwToHwio(data, shape) : { data, shape: [...shape] };
-    tensors.set(key, tf.tensor(internal.data, internal.shape, 'float32'));
-  }
-  return { unet: { cfg, store: paramStore(tensors, 'random medium UNet'), files: [] } };
+  return { timings: times.map(summarizeTimes), outputs };
 }
 
 interface Row {
@@ -151,10 +106,7 @@ async function benchModel(name: string, model: UnetModel, context1: tf.Tensor, l
             const batch = tf.concat([xIn, xIn], 0);
             const raw = await runUnet(session, batch, sampler.timesteps[i]!, ctx);
             batch.dispose();
-            const eps = tf.tidy(() => {
-              const [u, c] = tf.split(raw, 2, 0) as [tf.Tensor, tf.Tensor];
-              return tf.add(u, tf.mul(tf.sub(c, u), 7.5));
-            });
+            const eps = applyGuidance(raw, 7.5);
             raw.dispose();
             return eps;
           },
@@ -181,7 +133,7 @@ async function benchModel(name: string, model: UnetModel, context1: tf.Tensor, l
   return rows;
 }
 
-function printTable(rows: readonly Row[]): void {
+function printRows(rows: readonly Row[]): void {
   const tfjsMin = new Map(rows.filter((r) => r.engine.startsWith('tfjs')).map((r) => [r.model, r.timing.minMs]));
   const header = ['UNet', 'engine', 'min ms', 'median ms', 'runs', 'tfjs / this', 'final latents vs tfjs (rel)'];
   const lines = rows.map((r) => [
@@ -193,11 +145,7 @@ function printTable(rows: readonly Row[]): void {
     r.engine.startsWith('tfjs') ? '' : `${(tfjsMin.get(r.model)! / r.timing.minMs).toFixed(2)}×`,
     r.relDiff === undefined ? '' : r.relDiff.toExponential(1),
   ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  const fmt = (cells: readonly string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
-  console.log(fmt(header));
-  console.log(`|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`);
-  for (const l of lines) console.log(fmt(l));
+  printTable(header, lines);
 }
 
 async function main(): Promise<void> {
@@ -207,22 +155,22 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   try {
     const tiny = await loadStableDiffusion(TINY_SD);
-    const { context } = encodePrompts(tiny, ['a photo of an astronaut riding a horse'], [''], 1);
+    const { context } = encodePrompts(tiny, [BENCH_PROMPT], [''], 1);
     rows.push(...(await benchModel('tiny', tiny, context, 16, scratch)));
     context.dispose();
     disposeStableDiffusion(tiny);
     if (medium) {
-      const model = randomUnet(parseUnetConfig(MEDIUM_CONFIG, 'medium UNet (bench)'));
+      const model = randomUnet(mediumUnetConfig());
       const ctx = tf.randomNormal([1, 77, 256], 0, 1, 'float32', 5);
       rows.push(...(await benchModel('medium', model, ctx, 32, scratch)));
       ctx.dispose();
-      for (const k of model.unet.store.keys()) model.unet.store.get(k)?.dispose();
+      disposeUnet(model);
     }
   } finally {
     rmSync(scratch, { recursive: true, force: true });
   }
   console.log(`\nnode ${process.version}; 20 DDIM steps, CFG 7.5 (UNet batch 2), text states precomputed\n`);
-  printTable(rows);
+  printRows(rows);
 }
 
 await main();

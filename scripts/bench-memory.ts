@@ -21,28 +21,14 @@ import { promisify } from 'node:util';
 import * as tf from '@tensorflow/tfjs';
 
 import { initBackend, type BackendName } from '../src/backend.js';
-import { isConvFilter, oihwToHwio } from '../src/io/layout.js';
-import { paramStore } from '../src/io/weights.js';
 import { byModule, createAdapters, findTargets, loraScope, patchedScope, type LoraAdapter } from '../src/methods/lora.js';
-import { parseUnetConfig, type UnetConfig } from '../src/models/unet/config.js';
-import { unet, unetManifest } from '../src/models/unet/unet.js';
+import { unet } from '../src/models/unet/unet.js';
 import type { Scope } from '../src/ops/scope.js';
 import { tfOps } from '../src/ops/tfjs-ops.js';
 import { checkpointBlocks } from '../src/train/checkpointing.js';
 import { setupRandom } from '../src/train/rng-state.js';
+import { mediumUnetConfig, printTable, randomUnet } from './lib/bench-util.js';
 
-const MEDIUM_CONFIG = {
-  sample_size: 32,
-  in_channels: 4,
-  out_channels: 4,
-  layers_per_block: 1,
-  block_out_channels: [64, 128, 256],
-  down_block_types: ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
-  cross_attention_dim: 256,
-  attention_head_dim: 8,
-  norm_num_groups: 32,
-};
 const LATENT = 32;
 
 interface Measurement {
@@ -57,24 +43,11 @@ interface Measurement {
 const args = process.argv.slice(2);
 const flag = (name: string) => args.find((_, i) => args[i - 1] === name);
 
-/** N(0, 0.05²) weights (norm gains 1) for every key the config implies. */
-function randomWeights(cfg: UnetConfig): Map<string, tf.Tensor> {
-  const tensors = new Map<string, tf.Tensor>();
-  for (const [key, shape] of unetManifest(cfg)) {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const data = Float32Array.from(tf.tidy(() => tf.randomNormal([n], 0, 0.05, 'float32', 7).dataSync()));
-    if (/norm[^.]*\.weight$/.test(key)) data.fill(1);
-    const internal = isConvFilter(shape) ? oihwToHwio(data, shape) : { data, shape: [...shape] };
-    tensors.set(key, tf.tensor(internal.data, internal.shape, 'float32'));
-  }
-  return tensors;
-}
-
 /** One configuration, in this process: prints a Measurement as JSON. */
 async function child(mode: 'lora' | 'full', checkpointing: boolean, batch: number, backend: BackendName): Promise<void> {
   await initBackend({ backend, log: () => {} });
-  const cfg = parseUnetConfig(MEDIUM_CONFIG, 'medium UNet (bench-memory)');
-  const store = paramStore(randomWeights(cfg), 'random medium UNet');
+  const cfg = mediumUnetConfig('medium UNet (bench-memory)');
+  const store = randomUnet(cfg).unet.store;
   let scope: Scope<tf.Tensor>;
   let trained: tf.Variable[];
   let paramsUnder: (path: string) => tf.Tensor[];
@@ -129,12 +102,8 @@ async function main(): Promise<void> {
   const mb = (b: number) => (b / 2 ** 20).toFixed(1);
   const header = ['trains', 'checkpointing', 'peak tensor MB', 'max RSS MB', 'step ms', 'loss'];
   const lines = rows.map((r) => [r.mode, r.checkpointing ? 'yes' : 'no', mb(r.peakBytes), mb(r.maxRssBytes), r.stepMs.toFixed(0), r.loss.toFixed(6)]);
-  const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  const fmt = (cells: readonly string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
   console.log(`Medium UNet (64/128/256, 1 layer per block, cross-attention 256), ${LATENT}×${LATENT} latents, batch ${batch}, ${backend}; one forward + backward\n`);
-  console.log(fmt(header));
-  console.log(`|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`);
-  for (const l of lines) console.log(fmt(l));
+  printTable(header, lines);
   for (const mode of ['lora', 'full'] as const) {
     const [off, on] = [rows.find((r) => r.mode === mode && !r.checkpointing)!, rows.find((r) => r.mode === mode && r.checkpointing)!];
     console.log(

@@ -22,10 +22,8 @@ import sharp from 'sharp';
 import { trainingConfigSchema } from '../src/methods/registry.js';
 import { loadTrainingConfig } from '../src/train/config.js';
 import { train } from '../src/train/loop.js';
+import { SHARED, TINY_SD } from './lib/bench-util.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const SHARED = path.resolve(here, '../../shared');
-const TINY_SD = path.join(SHARED, 'fixtures/tiny-sd');
 const IMAGES = path.join(SHARED, 'data/images_cc0');
 const WARMUP = 3;
 

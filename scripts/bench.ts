@@ -13,21 +13,15 @@
  *   20 DDIM steps with CFG 7.5 from x_T (UNet + scheduler only, text states precomputed).
  */
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend, type BackendName } from '../src/backend.js';
-import { isConvFilter, oihwToHwio } from '../src/io/layout.js';
-import { paramStore } from '../src/io/weights.js';
-import { parseUnetConfig, type UnetConfig } from '../src/models/unet/config.js';
-import { unet, unetManifest } from '../src/models/unet/unet.js';
+import { unet } from '../src/models/unet/unet.js';
 import { tfOps } from '../src/ops/tfjs-ops.js';
 import { denoise, makeSampler } from '../src/pipeline/denoise.js';
 import { disposeStableDiffusion, loadStableDiffusion, type UnetModel } from '../src/pipeline/load.js';
 import { encodePrompts } from '../src/pipeline/txt2img.js';
 import { readSchedulerConfig } from '../src/schedulers/config.js';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const TINY_SD = path.resolve(here, '../../shared/fixtures/tiny-sd');
+import { BENCH_PROMPT, disposeUnet, mediumUnetConfig, printTable, randomUnet, summarizeTimes, TINY_SD, type Timing } from './lib/bench-util.js';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');
@@ -41,27 +35,10 @@ const REFERENCE_MS = {
   medium: { train: 555, loop: 4373 },
 } as const;
 
-/** The medium UNet of the reference timings: SD's layout at 64/128/256 channels, one layer per block. */
-const MEDIUM_CONFIG = {
-  sample_size: 32,
-  in_channels: 4,
-  out_channels: 4,
-  layers_per_block: 1,
-  block_out_channels: [64, 128, 256],
-  down_block_types: ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
-  cross_attention_dim: 256,
-  attention_head_dim: 8,
-  norm_num_groups: 32,
-};
-
-interface Row {
+interface Row extends Timing {
   readonly backend: string;
   readonly model: 'tiny' | 'medium';
   readonly what: string;
-  readonly ms: number;
-  readonly minMs: number;
-  readonly runs: number;
   readonly referenceMs?: number;
 }
 
@@ -69,7 +46,7 @@ interface Row {
 async function timeIt(
   fn: () => Promise<void> | void,
   opts: { warmup: boolean; maxRuns: number; budgetMs: number },
-): Promise<{ ms: number; minMs: number; runs: number }> {
+): Promise<Timing> {
   if (opts.warmup) await fn();
   const times: number[] = [];
   const start = performance.now();
@@ -78,21 +55,7 @@ async function timeIt(
     await fn();
     times.push(performance.now() - t0);
   }
-  times.sort((a, b) => a - b);
-  return { ms: times[Math.floor(times.length / 2)]!, minMs: times[0]!, runs: times.length };
-}
-
-/** A UNet with N(0, 0.05²) weights (norm gains 1) for every key and shape the config implies. */
-function randomUnet(cfg: UnetConfig): UnetModel {
-  const tensors = new Map<string, tf.Tensor>();
-  for (const [key, shape] of unetManifest(cfg)) {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const data = Float32Array.from(tf.randomNormal([n], 0, 0.05, 'float32', 7).dataSync());
-    if (/norm[^.]*\.weight$/.test(key)) data.fill(1);
-    const internal = isConvFilter(shape) ? oihwToHwio(data, shape) : { data, shape: [...shape] };
-    tensors.set(key, tf.tensor(internal.data, internal.shape, 'float32'));
-  }
-  return { unet: { cfg, store: paramStore(tensors, 'random medium UNet'), files: [] } };
+  return summarizeTimes(times);
 }
 
 async function benchUnet(backend: string, name: 'tiny' | 'medium', model: UnetModel, context1: tf.Tensor, latent: number, slow: boolean): Promise<Row[]> {
@@ -152,7 +115,7 @@ async function benchUnet(backend: string, name: 'tiny' | 'medium', model: UnetMo
   return rows;
 }
 
-function printTable(rows: readonly Row[]): void {
+function printRows(rows: readonly Row[]): void {
   const header = ['backend', 'UNet', 'measurement', 'min ms', 'median ms', 'runs', 'Python ref ms', 'ratio (min/ref)'];
   const lines = rows.map((r) => [
     r.backend,
@@ -164,11 +127,7 @@ function printTable(rows: readonly Row[]): void {
     r.referenceMs === undefined ? '' : String(r.referenceMs),
     r.referenceMs === undefined ? '' : `${(r.minMs / r.referenceMs).toFixed(2)}×`,
   ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  const fmt = (cells: readonly string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
-  console.log(fmt(header));
-  console.log(`|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`);
-  for (const l of lines) console.log(fmt(l));
+  printTable(header, lines);
 }
 
 async function main(): Promise<void> {
@@ -183,22 +142,21 @@ async function main(): Promise<void> {
     }
     const slow = backend === 'cpu'; // pure-JS convolution gradients: one run only
     const tiny = await loadStableDiffusion(TINY_SD);
-    const { context } = encodePrompts(tiny, ['a photo of an astronaut riding a horse'], [''], 1);
+    const { context } = encodePrompts(tiny, [BENCH_PROMPT], [''], 1);
     rows.push(...(await benchUnet(backend, 'tiny', tiny, context, 16, slow)));
     context.dispose();
     disposeStableDiffusion(tiny);
 
     if (medium && backend !== 'cpu') {
-      const cfg = parseUnetConfig(MEDIUM_CONFIG, 'medium UNet (bench)');
-      const model = randomUnet(cfg);
+      const model = randomUnet(mediumUnetConfig());
       const ctx = tf.randomNormal([1, 77, 256], 0, 1, 'float32', 5);
       rows.push(...(await benchUnet(backend, 'medium', model, ctx, 32, false)));
       ctx.dispose();
-      for (const k of model.unet.store.keys()) model.unet.store.get(k)?.dispose();
+      disposeUnet(model);
     }
   }
   console.log(`\nnode ${process.version}; Python reference: PyTorch CPU, 2 threads (shared/README.md)\n`);
-  printTable(rows);
+  printRows(rows);
 }
 
 await main();

@@ -9,9 +9,10 @@ import { initBackend } from '../backend.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import type { Image8 } from '../models/vae/vae.js';
 import { disposeStableDiffusion, loadStableDiffusion, type StableDiffusion } from '../pipeline/load.js';
-import { checkOnnxImageSize, generateOnnx, img2imgOnnx, OnnxStableDiffusion, type ExecutionProviderChoice } from '../pipeline/onnx.js';
+import { generateOnnx, img2imgOnnx, OnnxStableDiffusion, type ExecutionProviderChoice } from '../pipeline/onnx.js';
 import { ADDON_KINDS, AddonSpecError, checkAddonsAvailable, loadAddons, parseAddonSpec, type AddonSpec, type LoadedAddons } from '../pipeline/addons.js';
-import { writeImages } from '../pipeline/png.js';
+import type { PipelineModel } from '../pipeline/common.js';
+import { writeImages, type ModelIdentity } from '../pipeline/png.js';
 import {
   checkImageSize,
   generate,
@@ -68,32 +69,26 @@ interface Engine {
   writeImages(result: GenerateResult, outDir: string): Promise<string[]>;
 }
 
-function tfjsEngine(model: StableDiffusion, addons?: LoadedAddons): Engine {
-  const patch = addons === undefined ? {} : { patch: addons.patch };
+/** An Engine over either engine's model: sizes, checks and PNGs read only its configs and identity; `run` is the engine's. */
+function engineOf(model: PipelineModel & ModelIdentity, run: Pick<Engine, 'generate' | 'img2img'>, addons?: LoadedAddons): Engine {
   return {
     defaultSize: model.defaultSize,
     downscale: model.vae.cfg.downscale,
     latentChannels: model.unet.cfg.inChannels,
     modelHash: model.modelHash,
     checkImageSize: (w, h) => checkImageSize(model, w, h),
-    generate: (o) => generate(model, { ...o, ...patch }),
-    img2img: (o) => img2img(model, { ...o, ...patch }),
+    ...run,
     writeImages: (r, dir) => writeImages(model, r, dir, addons?.infotextFor([...r.prompts, ...r.negativePrompts])),
   };
 }
 
+function tfjsEngine(model: StableDiffusion, addons?: LoadedAddons): Engine {
+  const patch = addons === undefined ? {} : { patch: addons.patch };
+  return engineOf(model, { generate: (o) => generate(model, { ...o, ...patch }), img2img: (o) => img2img(model, { ...o, ...patch }) }, addons);
+}
+
 function onnxEngine(model: OnnxStableDiffusion): Engine {
-  return {
-    defaultSize: model.defaultSize,
-    downscale: model.vae.cfg.downscale,
-    latentChannels: model.unet.cfg.inChannels,
-    modelHash: model.modelHash,
-    checkImageSize: (w, h) => checkOnnxImageSize(model, w, h),
-    generate: (o) => generateOnnx(model, o),
-    img2img: (o) => img2imgOnnx(model, o),
-    // writeImages reads only `modelHash` and `name` of the model (the A1111 parameters).
-    writeImages: (r, dir) => writeImages({ modelHash: model.modelHash, name: model.name } as StableDiffusion, r, dir),
-  };
+  return engineOf(model, { generate: (o) => generateOnnx(model, o), img2img: (o) => img2imgOnnx(model, o) });
 }
 
 function positiveInt(what: string) {

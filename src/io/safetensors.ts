@@ -15,6 +15,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 
 import { writeFileAtomic } from './atomic.js';
+import { describeError, oneLine, quote } from './messages.js';
 import {
   DTYPES,
   DTYPE_BYTES,
@@ -1061,16 +1062,6 @@ function formatShape(shape: readonly number[]): string {
   return shape.length > 12 ? `[${shape.slice(0, 12).join(', ')}, … (${shape.length} dims)]` : `[${shape.join(', ')}]`;
 }
 
-// Names come from untrusted files: quoting escapes control characters, and long ones are cut so
-// a message stays one readable line.
-function quote(text: string): string {
-  return JSON.stringify(text.length > 120 ? `${text.slice(0, 120)}…` : text);
-}
-
-function oneLine(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
-}
-
 function isWellFormed(text: string): boolean {
   return !/\p{Surrogate}/u.test(text);
 }
@@ -1079,8 +1070,4 @@ function typedArrayName(value: unknown): string {
   if (typeof value !== 'object' || value === null) return jsonKind(value);
   const name = (value as { constructor?: { name?: unknown } }).constructor?.name;
   return typeof name === 'string' ? name : 'an object';
-}
-
-function describeError(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }

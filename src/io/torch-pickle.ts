@@ -34,6 +34,7 @@ import {
   type PickleLimits,
   type PickleValue,
 } from './pickle.js';
+import { oneLine, quote } from './messages.js';
 import { ZipArchive, ZipError, memorySource, openFileSource, readExactly, type ByteSource, type ZipEntry, type ZipReadOptions } from './zip.js';
 
 export { PickleGlobal, PickleObject, PickleOpaque, PickleTuple, type PickleDict, type PickleValue } from './pickle.js';
@@ -1050,7 +1051,8 @@ function gather(span: Uint8Array, shape: readonly number[], stride: readonly num
   return out;
 }
 
-function contiguousStrides(shape: readonly number[]): number[] {
+/** Row-major (C-contiguous) element strides of `shape`, as torch gives a contiguous tensor (size-0 dims count as 1). */
+export function contiguousStrides(shape: readonly number[]): number[] {
   const stride = new Array<number>(shape.length);
   let step = 1;
   for (let i = shape.length - 1; i >= 0; i--) {
@@ -1344,12 +1346,4 @@ function asCheckpointError(error: unknown, file: string, where?: string): unknow
   }
   if (error instanceof PickleError) return new TorchCheckpointError(file, `${prefix}${error.message}`, { cause: error });
   return error;
-}
-
-function quote(text: string): string {
-  return JSON.stringify(text.length > 120 ? `${text.slice(0, 120)}…` : text);
-}
-
-function oneLine(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
 }

@@ -12,7 +12,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { writeFileAtomic } from './atomic.js';
 import { f32ToBf16Array, f32ToF16Array, type DType } from './dtypes.js';
 import { PickleTuple, describePickleValue, type PickleValue } from './pickle.js';
-import { PickleOrderedDict, TorchCheckpointError, TorchTensorRef, torchDTypeName } from './torch-pickle.js';
+import { contiguousStrides, PickleOrderedDict, TorchCheckpointError, TorchTensorRef, torchDTypeName } from './torch-pickle.js';
 import { ZipWriter } from './zip.js';
 
 /** Tensor element types the writer accepts, by torch name or safetensors name. */
@@ -606,16 +606,6 @@ function storageBytes(dtype: DType, data: TensorToSave['data'], numel: number, f
       break;
   }
   throw fail(`tensor data ${data.constructor.name} does not fit dtype ${torchDTypeName(dtype) ?? dtype}`);
-}
-
-function contiguousStrides(shape: readonly number[]): number[] {
-  const stride = new Array<number>(shape.length);
-  let step = 1;
-  for (let i = shape.length - 1; i >= 0; i--) {
-    stride[i] = step;
-    step *= Math.max(1, shape[i]!);
-  }
-  return stride;
 }
 
 function isTensorToSave(value: object): value is TensorToSave {

@@ -9,6 +9,8 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { crc32, inflateRaw } from 'node:zlib';
 
+import { describeError, oneLine, quote } from './messages.js';
+
 /** Any problem with a zip archive; the message is one line. */
 export class ZipError extends Error {
   readonly file: string;
@@ -805,16 +807,4 @@ function isCode(error: unknown, code: string): boolean {
 
 function hex32(value: number): string {
   return `0x${(value >>> 0).toString(16).padStart(8, '0')}`;
-}
-
-function quote(text: string): string {
-  return JSON.stringify(text.length > 120 ? `${text.slice(0, 120)}…` : text);
-}
-
-function oneLine(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
-}
-
-function describeError(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }

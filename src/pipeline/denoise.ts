@@ -136,6 +136,14 @@ export interface DenoiseOptions extends LoopOptions {
   readonly unetHooks?: UnetHooks<tf.Tensor>;
 }
 
+/** Classifier-free guidance on a model output [2B, …] ordered [uncond, cond]: ε̂ = uncond + w·(cond − uncond); `out` stays the caller's. */
+export function applyGuidance(out: tf.Tensor, guidance: number): tf.Tensor {
+  return tf.tidy(() => {
+    const [uncond, cond] = tf.split(out, 2, 0) as [tf.Tensor, tf.Tensor];
+    return tf.add(uncond, tf.mul(tf.sub(cond, uncond), guidance));
+  });
+}
+
 /**
  * The sampling loop of every engine: `predict(xIn, i)` returns the (guided) model output for the
  * scaled NHWC input at step i, as a tensor the loop then owns. Starts from `latents` (already at
@@ -225,9 +233,7 @@ export async function denoise(model: UnetModel, latents: tf.Tensor, opts: Denois
       const modelIn = guided ? tf.concat([xIn, xIn], 0) : xIn; // [2B,h,w,C]: uncond half, cond half
       const timesteps = tf.fill([modelIn.shape[0]!], opts.sampler.timesteps[i]!, 'float32');
       const out = unet(tfOps, scope, modelIn, timesteps, context, cfg, opts.unetHooks);
-      if (!guided) return out;
-      const [uncond, cond] = tf.split(out, 2, 0) as [tf.Tensor, tf.Tensor];
-      return tf.add(uncond, tf.mul(tf.sub(cond, uncond), guidance));
+      return guided ? applyGuidance(out, guidance) : out;
     });
     if (checkWeights) assertWeightsUsed(model.unet.store, 'UNet');
     return eps;

@@ -6,6 +6,8 @@
  * order), the same CFG combination and latent arithmetic on tfjs tensors, the same image
  * post-processing. So a seed gives the same image on either engine, up to float rounding.
  *
+ * The run itself (option checks, batching, seeded draws, the order of the phases, the result) is
+ * `common.ts`'s, shared with the tfjs pipeline; this file supplies the ORT networks as a `RunEngine`.
  * The sampling loop is `denoise.ts`'s {@link sampleLoop}, which takes the model as an async
  * function (an ORT run cannot sit inside a `tf.tidy`), so both engines share it.
  */
@@ -21,17 +23,16 @@ import { parseClipTextConfig, type ClipTextConfig } from '../models/clip/config.
 import { finalLayerNorm } from '../models/clip/text-encoder.js';
 import { ClipTokenizer } from '../models/clip/tokenizer.js';
 import { parseUnetConfig, type UnetConfig } from '../models/unet/config.js';
-import { imageToTensor, samplePosterior, scaleLatents, tensorToImage, unscaleLatents, type Posterior } from '../models/vae/vae.js';
+import { imageToTensor, type Posterior } from '../models/vae/vae.js';
 import { parseVaeConfig, type VaeConfig } from '../models/vae/config.js';
 import { ParamStore } from '../ops/scope.js';
 import { tfOps } from '../ops/tfjs-ops.js';
 import { readSchedulerConfig, type SchedulerConfig } from '../schedulers/config.js';
-import { TorchGenerator } from '../schedulers/rng.js';
-import type { Sampler } from '../schedulers/sampler.js';
 import { readInitializers } from '../export/read.js';
-import { defaultSamplerKind, img2imgStartStep, makeSampler, noiseToStep, sampleLoop, type SamplerSpec } from './denoise.js';
+import { decodeEach, drawImg2ImgNoise, noisedPosterior, runImg2Img, runTxt2Img, statesPerRow, tokenizePrompts, type Batch, type DecodedImages, type ResolvedRun, type RunEngine } from './common.js';
+import { applyGuidance, sampleLoop, type LoopOptions } from './denoise.js';
 import { modelHashOf } from './load.js';
-import { drawInitialLatents, randomSeed, type CommonOptions, type GenerateOptions, type GenerateResult, type Img2ImgOptions, type RunSettings, type Seed } from './txt2img.js';
+import type { CommonOptions, GenerateOptions, GenerateResult, Img2ImgOptions } from './txt2img.js';
 
 /** Which ORT execution provider runs the graphs: CPU, CUDA, or CUDA when it loads and CPU otherwise. */
 export type ExecutionProviderChoice = 'cpu' | 'cuda' | 'auto';
@@ -226,21 +227,13 @@ export class OnnxStableDiffusion {
   }
 
   /** Decode NHWC latents (UNet scale) one image at a time → NHWC [B, H, W, 3] ≈ [-1, 1]. */
-  async decode(latents: tf.Tensor): Promise<{ data: Float32Array; shape: [number, number, number, number] }> {
-    const [b, h, w] = latents.shape as [number, number, number, number];
-    const f = this.vae.cfg.downscale;
-    const shape: [number, number, number, number] = [b, h * f, w * f, this.vae.cfg.outputChannels];
-    const out = new Float32Array(shape.reduce((x, y) => x * y, 1));
-    const per = out.length / b;
-    for (let i = 0; i < b; i++) {
-      const z = tf.tidy(() => unscaleLatents(tfOps, tf.slice(latents, [i, 0, 0, 0], [1, -1, -1, -1]), this.vae.cfg));
+  async decode(latents: tf.Tensor): Promise<DecodedImages> {
+    return decodeEach(latents, this.vae.cfg, async (z) => {
       const zc = nhwcToNchw((await z.data()) as Float32Array, z.shape);
-      z.dispose();
       const result = await this.vae.decoder.run({ latent_sample: new ort.Tensor('float32', zc.data, zc.shape) });
       const image = result.sample!;
-      out.set(nchwToNhwc(image.data as Float32Array, [...image.dims]).data, i * per);
-    }
-    return { data: out, shape };
+      return nchwToNhwc(image.data as Float32Array, [...image.dims]).data;
+    });
   }
 
   /** The VAE posterior of NHWC images in [-1, 1] (the encoder session opens on first use). */
@@ -306,86 +299,53 @@ function posteriorOf(moments: tf.Tensor, latentChannels: number): Posterior<tf.T
 // =============================================================================================
 // txt2img / img2img
 
-interface Batch {
-  readonly prompts: string[];
-  readonly negatives: string[];
+/** Text-to-image on onnxruntime: the tfjs `generate` with the networks in ORT sessions. */
+export async function generateOnnx(model: OnnxStableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
+  checkOnnxOptions(opts);
+  return runTxt2Img(model, opts, onnxEngine(model));
 }
 
-/** Prompts and negatives per image, in diffusers' order (the tfjs pipeline's rules). */
-function expandBatch(opts: CommonOptions): Batch {
-  const n = opts.imagesPerPrompt ?? 1;
-  if (!Number.isInteger(n) || n < 1) throw new Error(`imagesPerPrompt must be a positive integer, got ${n}`);
-  if (opts.prompts.length === 0) throw new Error('no prompt given');
-  const neg = opts.negativePrompt ?? '';
-  const negatives = typeof neg === 'string' ? opts.prompts.map(() => neg) : [...neg];
-  if (negatives.length !== opts.prompts.length) {
-    throw new Error(`${negatives.length} negative prompts for ${opts.prompts.length} prompts (give one, or one per prompt)`);
-  }
-  const repeat = (xs: readonly string[]) => xs.flatMap((x) => new Array<string>(n).fill(x));
-  return { prompts: repeat(opts.prompts), negatives: repeat(negatives) };
+/** Image-to-image on onnxruntime: encode, noise to the step `strength` selects, denoise from there. */
+export async function img2imgOnnx(model: OnnxStableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
+  checkOnnxOptions(opts);
+  return runImg2Img(model, opts, onnxEngine(model));
 }
 
-interface ResolvedRun {
-  readonly spec: SamplerSpec & { readonly karras: boolean; readonly eta: number };
-  readonly guidance: number;
-  readonly clipSkip: number;
-  readonly seed: Seed;
-}
-
-/** Defaults and checks of a run, the tfjs pipeline's rules. */
-function resolveRun(model: OnnxStableDiffusion, opts: CommonOptions): ResolvedRun {
-  const kind = opts.sampler ?? defaultSamplerKind(model.scheduler);
-  const guidance = opts.guidance ?? 7.5;
-  const eta = opts.eta ?? 0;
-  if (!Number.isFinite(guidance)) throw new Error(`guidance must be a finite number, got ${guidance}`);
-  const sigmaKinds = ['lms', 'euler', 'dpmpp_2m'];
-  if (opts.karras === true && !sigmaKinds.includes(kind)) throw new Error(`Karras noise levels apply to the lms, euler and dpmpp_2m samplers, not ${kind}`);
-  if (eta !== 0 && kind !== 'ddim') throw new Error(`eta applies to the ddim sampler only, not ${kind}`);
+/** Rejects what the tfjs pipeline offers and an export cannot do. */
+function checkOnnxOptions(opts: CommonOptions): void {
   if (opts.tiledDecode === true) throw new Error('tiled VAE decoding is not available on the onnx engine (use --engine tfjs)');
-  const karras = sigmaKinds.includes(kind) && (opts.karras ?? model.scheduler.karrasSigmas ?? false);
-  const clipSkip = opts.clipSkip ?? 0;
-  if (!Number.isInteger(clipSkip) || clipSkip < 0 || clipSkip >= model.text.cfg.numLayers) {
-    throw new Error(`clipSkip must be an integer in [0, ${model.text.cfg.numLayers - 1}], got ${clipSkip}`);
-  }
-  return { spec: { kind, steps: opts.steps ?? 50, karras, eta }, guidance, clipSkip, seed: opts.seed ?? randomSeed() };
 }
 
-/** Rejects an image size the VAE and UNet cannot divide. */
-export function checkOnnxImageSize(model: OnnxStableDiffusion, width: number, height: number): void {
-  const m = model.sizeMultiple;
-  for (const [name, v] of [['width', width], ['height', height]] as const) {
-    if (!Number.isInteger(v) || v <= 0 || v % m !== 0) {
-      const levels = model.unet.cfg.blockChannels.length - 1;
-      throw new Error(
-        `${name} ${v} is not a positive multiple of ${m} (VAE factor ${model.vae.cfg.downscale} × 2^${levels} UNet downsamplings); try ${Math.max(m, Math.round(v / m) * m)}`,
-      );
-    }
-  }
+/** The ORT networks of a run. */
+function onnxEngine(model: OnnxStableDiffusion): RunEngine<ort.Tensor> {
+  return {
+    encodePrompts: (batch, run) => encodePromptsOnnx(model, batch, run),
+    denoise: (start, context, guidance, loop) => denoiseOnnx(model, start, context, guidance, loop),
+    img2imgStart: async (images, s) => {
+      // The generator's draws come before the encoder runs, in diffusers' prepare_latents order.
+      const draws = drawImg2ImgNoise(model.vae.cfg, s.generator, images.length, s.batch, images[0]!.width, images[0]!.height);
+      const posterior = await model.encodeImages(imageToTensor(images));
+      try {
+        return noisedPosterior(model, posterior, draws, s);
+      } finally {
+        for (const t of new Set([posterior.moments, posterior.mean, posterior.logvar, posterior.std])) t.dispose();
+      }
+    },
+    decode: (latents) => model.decode(latents),
+  };
 }
 
 /** Text states [uncond × B, cond × B] (or cond only without guidance) as an ORT tensor, each distinct text encoded once. */
-async function encodePromptsOnnx(model: OnnxStableDiffusion, batch: Batch, guidance: number, clipSkip: number): Promise<{ context: ort.Tensor; warnings: string[] }> {
-  const texts = (guidance > 1 ? [...batch.negatives, ...batch.prompts] : [...batch.prompts]).map((t) => model.rewritePrompt(t));
-  const distinct = [...new Set(texts)];
-  const warnings: string[] = [];
-  const window = model.tokenizer.encode('').length - 2;
-  for (const text of distinct) {
-    const count = model.tokenizer.contentIds(text).length;
-    if (count > window) warnings.push(`prompt truncated to ${window} of its ${count} tokens: "${text.slice(0, 60)}${text.length > 60 ? '…' : ''}"`);
-  }
-  const states = await model.encodeIds(
-    distinct.map((t) => model.tokenizer.encode(t)),
-    clipSkip,
-  );
-  const gathered = tf.tidy(() => tf.gather(states, tf.tensor1d(texts.map((t) => distinct.indexOf(t)), 'int32'), 0));
-  states.dispose();
+async function encodePromptsOnnx(model: OnnxStableDiffusion, batch: Batch, run: ResolvedRun): Promise<{ context: ort.Tensor; warnings: string[] }> {
+  const { ids, rows, warnings } = tokenizePrompts(model.tokenizer, batch.prompts, batch.negatives, run.guidance, (t) => model.rewritePrompt(t));
+  const gathered = statesPerRow(await model.encodeIds(ids, run.clipSkip), rows);
   const context = new ort.Tensor('float32', (await gathered.data()) as Float32Array, gathered.shape);
   gathered.dispose();
   return { context, warnings };
 }
 
 /** Runs the loop with classifier-free guidance through the ORT UNet. */
-async function denoiseOnnx(model: OnnxStableDiffusion, start: tf.Tensor, context: ort.Tensor, guidance: number, sampler: Sampler<tf.Tensor>, opts: CommonOptions, generator: TorchGenerator, fromStep = 0): Promise<tf.Tensor> {
+async function denoiseOnnx(model: OnnxStableDiffusion, start: tf.Tensor, context: ort.Tensor, guidance: number, loop: LoopOptions): Promise<tf.Tensor> {
   const guided = guidance > 1;
   const batch = start.shape[0]!;
   if (context.dims[0] !== (guided ? 2 * batch : batch)) throw new Error(`denoise: ${context.dims[0]} text states for ${batch} latents`);
@@ -395,133 +355,15 @@ async function denoiseOnnx(model: OnnxStableDiffusion, start: tf.Tensor, context
       const modelIn = guided ? tf.concat([xIn, xIn], 0) : xIn; // [2B,h,w,C]: uncond half, cond half
       let out: tf.Tensor;
       try {
-        out = await model.predict(modelIn, sampler.timesteps[i]!, context);
+        out = await model.predict(modelIn, loop.sampler.timesteps[i]!, context);
       } finally {
         if (modelIn !== xIn) modelIn.dispose();
       }
       if (!guided) return out;
-      const eps = tf.tidy(() => {
-        const [uncond, cond] = tf.split(out, 2, 0) as [tf.Tensor, tf.Tensor];
-        return tf.add(uncond, tf.mul(tf.sub(cond, uncond), guidance));
-      });
+      const eps = applyGuidance(out, guidance);
       out.dispose();
       return eps;
     },
-    { sampler, fromStep, generator, onStart: opts.onStart, onStep: opts.onStep, signal: opts.signal },
+    loop,
   );
-}
-
-async function finishOnnx(model: OnnxStableDiffusion, final: tf.Tensor, opts: CommonOptions, run: ResolvedRun, batch: Batch, settings: RunSettings, warnings: string[]): Promise<GenerateResult> {
-  try {
-    const [b, h, w, c] = final.shape as [number, number, number, number];
-    const latents = nhwcToNchw((await final.data()) as Float32Array, [b, h, w, c]).data;
-    const base = { seed: run.seed, latents, latentShape: [b, c, h, w] as const, prompts: batch.prompts, negativePrompts: batch.negatives, settings, warnings };
-    if (opts.decode === false) return { ...base, images: [] };
-    const decoded = await model.decode(final);
-    return { ...base, images: tensorToImage(decoded.data, decoded.shape), decoded };
-  } finally {
-    final.dispose();
-  }
-}
-
-/** Text-to-image on onnxruntime: the tfjs `generate` with the networks in ORT sessions. */
-export async function generateOnnx(model: OnnxStableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
-  const run = resolveRun(model, opts);
-  const batch = expandBatch(opts);
-  const width = opts.width ?? model.defaultSize.width;
-  const height = opts.height ?? model.defaultSize.height;
-  checkOnnxImageSize(model, width, height);
-  const f = model.vae.cfg.downscale;
-  const shape = [batch.prompts.length, model.unet.cfg.inChannels, height / f, width / f] as const;
-  const count = shape.reduce((a, b) => a * b, 1);
-  if (opts.initLatents !== undefined && opts.initLatents.length !== count) {
-    throw new Error(`initLatents has ${opts.initLatents.length} values, expected ${count} = [${shape.join(', ')}] (NCHW)`);
-  }
-  const sampler = makeSampler(model.scheduler, run.spec);
-  const generator = new TorchGenerator(run.seed);
-  // diffusers draws x_T only when no latents are given; the generator then serves the steps.
-  const xT = opts.initLatents ?? drawInitialLatents(generator, shape);
-  const { context, warnings } = await encodePromptsOnnx(model, batch, run.guidance, run.clipSkip);
-  const start = tf.tidy(() => tf.mul(tf.tensor4d(nchwToNhwc(xT, shape).data, [shape[0], shape[2], shape[3], shape[1]]), sampler.initNoiseSigma));
-  let final: tf.Tensor;
-  try {
-    final = await denoiseOnnx(model, start, context, run.guidance, sampler, opts, generator);
-  } finally {
-    start.dispose();
-    context.dispose();
-  }
-  const settings: RunSettings = {
-    sampler: run.spec.kind,
-    karras: run.spec.karras,
-    steps: run.spec.steps,
-    guidance: run.guidance,
-    eta: run.spec.eta,
-    clipSkip: run.clipSkip,
-    width,
-    height,
-    timesteps: sampler.timesteps,
-  };
-  return finishOnnx(model, final, opts, run, batch, settings, warnings);
-}
-
-/** Image-to-image on onnxruntime: encode, noise to the step `strength` selects, denoise from there. */
-export async function img2imgOnnx(model: OnnxStableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
-  const run = resolveRun(model, opts);
-  const batch = expandBatch(opts);
-  const first = opts.initImages[0];
-  if (first === undefined) throw new Error('img2img: no init image given');
-  const { width, height } = first;
-  checkOnnxImageSize(model, width, height);
-  for (const [i, img] of opts.initImages.entries()) {
-    if (img.channels !== 3) throw new Error(`img2img: init image ${i} has ${img.channels} channels, expected RGB (3)`);
-  }
-  const n = opts.initImages.length;
-  const b = batch.prompts.length;
-  if (n !== 1 && n !== b) throw new Error(`img2img: ${n} init images for a batch of ${b} (give one, or one per image)`);
-  const strength = opts.strength ?? 0.8;
-  const fromStep = img2imgStartStep(run.spec.steps, strength);
-  const sampler = makeSampler(model.scheduler, run.spec);
-  const generator = new TorchGenerator(run.seed);
-
-  // 1. Posterior sample of each image × scaling factor, noised to the first kept step (diffusers' prepare_latents order).
-  const f = model.vae.cfg.downscale;
-  const c = model.vae.cfg.latentChannels;
-  const [h, w] = [height / f, width / f];
-  const posteriorEps = nchwToNhwc(generator.randn([n, c, h, w]), [n, c, h, w]).data;
-  const noise = nchwToNhwc(generator.randn([b, c, h, w]), [b, c, h, w]).data;
-  const posterior = await model.encodeImages(imageToTensor(opts.initImages));
-  const start = tf.tidy(() => {
-    let x0 = scaleLatents(tfOps, samplePosterior(tfOps, posterior, tf.tensor4d(posteriorEps, [n, h, w, c])), model.vae.cfg);
-    if (n < b) x0 = tf.tile(x0, [b / n, 1, 1, 1]);
-    return noiseToStep(model.scheduler, run.spec, sampler, x0, tf.tensor4d(noise, [b, h, w, c]), fromStep);
-  });
-  for (const t of new Set([posterior.moments, posterior.mean, posterior.logvar, posterior.std])) t.dispose();
-
-  // 2. Text states and the loop from the first kept step.
-  let final: tf.Tensor;
-  let warnings: string[] = [];
-  try {
-    const encoded = await encodePromptsOnnx(model, batch, run.guidance, run.clipSkip);
-    warnings = encoded.warnings;
-    try {
-      final = await denoiseOnnx(model, start, encoded.context, run.guidance, sampler, opts, generator, fromStep);
-    } finally {
-      encoded.context.dispose();
-    }
-  } finally {
-    start.dispose();
-  }
-  const settings: RunSettings = {
-    sampler: run.spec.kind,
-    karras: run.spec.karras,
-    steps: run.spec.steps,
-    guidance: run.guidance,
-    eta: run.spec.eta,
-    clipSkip: run.clipSkip,
-    width,
-    height,
-    timesteps: sampler.timesteps.slice(fromStep),
-    strength,
-  };
-  return finishOnnx(model, final, opts, run, batch, settings, warnings);
 }

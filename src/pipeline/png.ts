@@ -9,8 +9,15 @@ import { writeFileAtomic } from '../io/atomic.js';
 import { addPngText, formatParameters, type GenerationParameters } from '../io/png-text.js';
 import type { Image8 } from '../models/vae/vae.js';
 import type { SamplerKind } from '../schedulers/sampler.js';
-import type { StableDiffusion } from './load.js';
 import type { GenerateResult } from './txt2img.js';
+
+/** What the A1111 parameters record of the model that made an image; any engine's loaded model has it. */
+export interface ModelIdentity {
+  /** A1111's `Model hash`. */
+  readonly modelHash: string;
+  /** A1111's `Model`. */
+  readonly name: string;
+}
 
 const A1111_SAMPLER_NAMES: Readonly<Record<SamplerKind, string>> = {
   ddim: 'DDIM',
@@ -28,7 +35,7 @@ export function a1111SamplerName(kind: SamplerKind, karras: boolean): string {
 
 /** The A1111 parameters of image `index` of a run; `extra` (add-ons' `TI hashes`, `Hypernet`, …) comes last, as A1111 appends them. */
 export function generationParameters(
-  model: StableDiffusion,
+  model: ModelIdentity,
   result: GenerateResult,
   index: number,
   extra: Readonly<Record<string, string>> = {},
@@ -77,7 +84,7 @@ export async function nextImageIndex(dir: string): Promise<number> {
  * folder's existing images, each atomically (temporary file + rename). Returns the paths written.
  */
 export async function writeImages(
-  model: StableDiffusion,
+  model: ModelIdentity,
   result: GenerateResult,
   outDir: string,
   extra: Readonly<Record<string, string>> = {},

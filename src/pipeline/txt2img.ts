@@ -3,41 +3,33 @@
  * StableDiffusionImg2ImgPipeline compute them on CPU: same prompt batching, same seeded noise
  * (torch's CPU generator, drawn NCHW in the same order), same sampler maths, same VAE decode.
  *
- * Phases of a run:
+ * Phases of a run (`common.ts` orders them, for this engine and the onnxruntime one alike):
  *   1. prompts → text states, [uncond × B, cond × B] when guidance > 1
  *   2. initial latents: x_T ~ N(0, I) from the seed (or given) × initNoiseSigma;
  *      img2img: VAE posterior sample × scaling factor, noised to the first kept step
  *   3. the sampling loop (`denoise.ts`)
  *   4. VAE decode, one image at a time (peak memory), to 8-bit RGB
  */
-import { randomInt } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs';
-import { nchwToNhwc, nhwcToNchw } from '../io/layout.js';
 import type { ModelPatch, ParamOverride } from '../methods/types.js';
 import { clipTextEncoder, isClipTextBuffer, textStatesForUnet } from '../models/clip/text-encoder.js';
 import { encodeText } from '../models/clip/text-encoder-tfjs.js';
-import {
-  imageToTensor,
-  samplePosterior,
-  scaleLatents,
-  tensorToImage,
-  unscaleLatents,
-  vaeDecode,
-  vaeDecodeTiled,
-  vaeEncode,
-  type Image8,
-} from '../models/vae/vae.js';
+import { imageToTensor, vaeDecode, vaeDecodeTiled, vaeEncode, type Image8 } from '../models/vae/vae.js';
 import { tfOps } from '../ops/tfjs-ops.js';
-import { TorchGenerator } from '../schedulers/rng.js';
+import type { TorchGenerator } from '../schedulers/rng.js';
 import type { Sampler, SamplerKind } from '../schedulers/sampler.js';
-import { defaultSamplerKind, denoise, img2imgStartStep, makeSampler, noiseToStep, type SamplerSpec, type StepInfo } from './denoise.js';
+import { decodeEach, drawImg2ImgNoise, noisedPosterior, runImg2Img, runTxt2Img, statesPerRow, tokenizePrompts, type DecodedImages, type RunEngine } from './common.js';
+import { denoise, type LoopOptions, type SamplerSpec } from './denoise.js';
 import { assertWeightsUsed, type StableDiffusion } from './load.js';
+
+// Engine-independent pieces, exported here as before (their home is common.ts).
+export { checkImageSize, drawInitialLatents, randomSeed } from './common.js';
 
 /** A torch generator seed: any integer in [−2⁶³, 2⁶⁴) (bigint beyond 2⁵³). */
 export type Seed = number | bigint;
 
-/** Options shared by txt2img and img2img. */
-export interface CommonOptions {
+/** Options shared by txt2img and img2img; `onStart`, `onStep` and `signal` go to the sampling loop. */
+export interface CommonOptions extends Pick<LoopOptions, 'onStart' | 'onStep' | 'signal'> {
   /** One prompt per batch entry (before `imagesPerPrompt`). */
   readonly prompts: readonly string[];
   /** One for all prompts, or one per prompt; default '' (the empty-prompt uncond, as diffusers). */
@@ -66,10 +58,6 @@ export interface CommonOptions {
   readonly decode?: boolean;
   /** Decode large latents in overlapping tiles (less memory, not exact at tile level). */
   readonly tiledDecode?: boolean;
-  /** Called once before the loop with the number of steps it runs. */
-  readonly onStart?: (total: number) => void;
-  readonly onStep?: (done: number, total: number, info: StepInfo) => void;
-  readonly signal?: AbortSignal;
   /**
    * Trained add-ons for this run (textual inversion, hypernetworks, LoRA, deltas; see
    * `src/pipeline/addons.ts`): prompts are rewritten and token embeddings replaced while encoding,
@@ -130,35 +118,6 @@ export interface GenerateResult {
   readonly warnings: readonly string[];
 }
 
-/** A random seed in [0, 2³²), as A1111 draws them. */
-export function randomSeed(): number {
-  return randomInt(0, 2 ** 32);
-}
-
-/** x_T for `seed` exactly as diffusers draws it on CPU: `torch.randn([B, C, h, w], generator)`, NCHW. */
-export function drawInitialLatents(generator: TorchGenerator, shape: readonly [number, number, number, number]): Float32Array {
-  return generator.randn(shape);
-}
-
-interface Batch {
-  readonly prompts: string[];
-  readonly negatives: string[];
-}
-
-/** Prompts and negative prompts per image, in diffusers' order (each prompt repeated imagesPerPrompt times). */
-function expandBatch(opts: CommonOptions): Batch {
-  const n = opts.imagesPerPrompt ?? 1;
-  if (!Number.isInteger(n) || n < 1) throw new Error(`imagesPerPrompt must be a positive integer, got ${n}`);
-  if (opts.prompts.length === 0) throw new Error('no prompt given');
-  const neg = opts.negativePrompt ?? '';
-  const negatives = typeof neg === 'string' ? opts.prompts.map(() => neg) : [...neg];
-  if (negatives.length !== opts.prompts.length) {
-    throw new Error(`${negatives.length} negative prompts for ${opts.prompts.length} prompts (give one, or one per prompt)`);
-  }
-  const repeat = (xs: readonly string[]) => xs.flatMap((x) => new Array<string>(n).fill(x));
-  return { prompts: repeat(opts.prompts), negatives: repeat(negatives) };
-}
-
 /**
  * Text states for a batch: [B, S, D] of the prompts, or with guidance > 1 [2B, S, D] ordered
  * [negative × B, prompt × B] as diffusers concatenates them. Each distinct text is encoded once.
@@ -173,16 +132,7 @@ export function encodePrompts(
   clipSkip = 0,
   patch: Pick<ModelPatch, 'rewritePrompt' | 'tokenEmbeddings'> = {},
 ): { context: tf.Tensor; warnings: string[] } {
-  const rewrite = patch.rewritePrompt ?? ((text: string) => text);
-  const texts = (guidance > 1 ? [...negatives, ...prompts] : [...prompts]).map(rewrite);
-  const distinct = [...new Set(texts)];
-  const warnings: string[] = [];
-  const window = model.tokenizer.encode('').length - 2;
-  for (const text of distinct) {
-    const count = model.tokenizer.contentIds(text).length;
-    if (count > window) warnings.push(`prompt truncated to ${window} of its ${count} tokens: "${text.slice(0, 60)}${text.length > 60 ? '…' : ''}"`);
-  }
-  const ids = distinct.map((t) => model.tokenizer.encode(t));
+  const { ids, rows, warnings } = tokenizePrompts(model.tokenizer, prompts, negatives, guidance, patch.rewritePrompt ?? ((text: string) => text));
   let states: tf.Tensor;
   const tokenEmbeddings = patch.tokenEmbeddings;
   if (tokenEmbeddings === undefined) {
@@ -197,9 +147,7 @@ export function encodePrompts(
       return textStatesForUnet(tfOps, p, model.text.cfg, out, { clipSkip });
     });
   }
-  const context = tf.tidy(() => tf.gather(states, tf.tensor1d(texts.map((t) => distinct.indexOf(t)), 'int32'), 0));
-  states.dispose();
-  return { context, warnings };
+  return { context: statesPerRow(states, rows), warnings };
 }
 
 /**
@@ -219,173 +167,45 @@ export function overrideParams(model: StableDiffusion, params: readonly ParamOve
   };
 }
 
-interface ResolvedRun {
-  readonly spec: SamplerSpec & { readonly karras: boolean; readonly eta: number };
-  readonly guidance: number;
-  readonly clipSkip: number;
-  readonly seed: Seed;
-}
-
-function resolveCommon(model: StableDiffusion, opts: CommonOptions): ResolvedRun {
-  const kind = opts.sampler ?? defaultSamplerKind(model.scheduler);
-  const steps = opts.steps ?? 50;
-  const guidance = opts.guidance ?? 7.5;
-  const eta = opts.eta ?? 0;
-  if (!Number.isFinite(guidance)) throw new Error(`guidance must be a finite number, got ${guidance}`);
-  if (opts.karras === true && !['lms', 'euler', 'dpmpp_2m'].includes(kind)) {
-    throw new Error(`Karras noise levels apply to the lms, euler and dpmpp_2m samplers, not ${kind}`);
-  }
-  if (eta !== 0 && kind !== 'ddim') throw new Error(`eta applies to the ddim sampler only, not ${kind}`);
-  const karras = ['lms', 'euler', 'dpmpp_2m'].includes(kind) && (opts.karras ?? model.scheduler.karrasSigmas ?? false);
-  const clipSkip = opts.clipSkip ?? 0;
-  if (!Number.isInteger(clipSkip) || clipSkip < 0 || clipSkip >= model.text.cfg.numLayers) {
-    throw new Error(`clipSkip must be an integer in [0, ${model.text.cfg.numLayers - 1}], got ${clipSkip}`);
-  }
-  return { spec: { kind, steps, karras, eta }, guidance, clipSkip, seed: opts.seed ?? randomSeed() };
-}
-
-/** Rejects an image size the VAE and UNet cannot divide, naming the multiple required. */
-export function checkImageSize(model: StableDiffusion, width: number, height: number): void {
-  const m = model.sizeMultiple;
-  for (const [name, v] of [['width', width], ['height', height]] as const) {
-    if (!Number.isInteger(v) || v <= 0 || v % m !== 0) {
-      const levels = model.unet.cfg.blockChannels.length - 1;
-      throw new Error(
-        `${name} ${v} is not a positive multiple of ${m} (VAE factor ${model.vae.cfg.downscale} × 2^${levels} UNet downsamplings); try ${Math.max(m, Math.round(v / m) * m)}`,
-      );
-    }
-  }
-}
-
 /** Text-to-image: `opts.prompts` → final latents and decoded images. */
-export async function generate(model: StableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
-  const restore = overrideParams(model, opts.patch?.params);
-  try {
-    return await generatePatched(model, opts);
-  } finally {
-    restore();
-  }
-}
-
-// txt2img with the patch's overrides in place.
-async function generatePatched(model: StableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
-  const run = resolveCommon(model, opts);
-  const batch = expandBatch(opts);
-  const width = opts.width ?? model.defaultSize.width;
-  const height = opts.height ?? model.defaultSize.height;
-  checkImageSize(model, width, height);
-  const f = model.vae.cfg.downscale;
-  const shape = [batch.prompts.length, model.unet.cfg.inChannels, height / f, width / f] as const;
-  const count = shape.reduce((a, b) => a * b, 1);
-  if (opts.initLatents !== undefined && opts.initLatents.length !== count) {
-    throw new Error(`initLatents has ${opts.initLatents.length} values, expected ${count} = [${shape.join(', ')}] (NCHW)`);
-  }
-  const sampler = makeSampler(model.scheduler, run.spec);
-  const generator = new TorchGenerator(run.seed);
-  // diffusers draws x_T only when no latents are given; the generator then serves the steps.
-  const xT = opts.initLatents ?? drawInitialLatents(generator, shape);
-
-  const { context, warnings } = encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip, opts.patch);
-  const start = tf.tidy(() => tf.mul(tf.tensor4d(nchwToNhwc(xT, shape).data, [shape[0], shape[2], shape[3], shape[1]]), sampler.initNoiseSigma));
-  let final: tf.Tensor;
-  try {
-    final = await denoise(model, start, {
-      sampler,
-      context,
-      guidance: run.guidance,
-      generator,
-      onStart: opts.onStart,
-      onStep: opts.onStep,
-      signal: opts.signal,
-      ...(opts.patch?.unetHooks === undefined ? {} : { unetHooks: opts.patch.unetHooks }),
-    });
-  } finally {
-    start.dispose();
-    context.dispose();
-  }
-  const settings: RunSettings = {
-    sampler: run.spec.kind,
-    karras: run.spec.karras,
-    steps: run.spec.steps,
-    guidance: run.guidance,
-    eta: run.spec.eta,
-    clipSkip: run.clipSkip,
-    width,
-    height,
-    timesteps: sampler.timesteps,
-  };
-  return finish(model, final, opts, run.seed, batch, settings, warnings);
+export function generate(model: StableDiffusion, opts: GenerateOptions): Promise<GenerateResult> {
+  return patchedRun(model, opts, runTxt2Img);
 }
 
 /** Image-to-image: noise the encoded images to the step `strength` selects, then denoise from there. */
-export async function img2img(model: StableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
+export function img2img(model: StableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
+  return patchedRun(model, opts, runImg2Img);
+}
+
+// A run on the tfjs networks with the patch's parameter overrides in place from the text encoder
+// to the last decode (the VAE encoder may be among them), restored whatever happens.
+async function patchedRun<O extends CommonOptions>(
+  model: StableDiffusion,
+  opts: O,
+  run: (model: StableDiffusion, opts: O, engine: RunEngine<tf.Tensor>) => Promise<GenerateResult>,
+): Promise<GenerateResult> {
   const restore = overrideParams(model, opts.patch?.params);
   try {
-    return await img2imgPatched(model, opts);
+    return await run(model, opts, tfjsEngine(model, opts));
   } finally {
     restore();
   }
 }
 
-// img2img with the patch's overrides in place (the VAE encoder may be among them).
-async function img2imgPatched(model: StableDiffusion, opts: Img2ImgOptions): Promise<GenerateResult> {
-  const run = resolveCommon(model, opts);
-  const batch = expandBatch(opts);
-  const first = opts.initImages[0];
-  if (first === undefined) throw new Error('img2img: no init image given');
-  const { width, height } = first;
-  checkImageSize(model, width, height);
-  for (const [i, img] of opts.initImages.entries()) {
-    if (img.channels !== 3) throw new Error(`img2img: init image ${i} has ${img.channels} channels, expected RGB (3)`);
-  }
-  const n = opts.initImages.length;
-  const b = batch.prompts.length;
-  if (n !== 1 && n !== b) throw new Error(`img2img: ${n} init images for a batch of ${b} (give one, or one per image)`);
-  const strength = opts.strength ?? 0.8;
-  const fromStep = img2imgStartStep(run.spec.steps, strength);
-  const sampler = makeSampler(model.scheduler, run.spec);
-  const generator = new TorchGenerator(run.seed);
-
-  // 1. Encoded images noised to the first kept step.
-  const start = img2imgLatents(model, opts.initImages, { batch: b, spec: run.spec, sampler, fromStep, generator });
-
-  // 2. Text states and the loop from the first kept step.
-  let final: tf.Tensor;
-  let warnings: string[] = [];
-  try {
-    const encoded = encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip, opts.patch);
-    warnings = encoded.warnings;
-    try {
-      final = await denoise(model, start, {
-        sampler,
-        context: encoded.context,
-        guidance: run.guidance,
-        fromStep,
-        generator,
-        onStart: opts.onStart,
-        onStep: opts.onStep,
-        signal: opts.signal,
+/** The tfjs networks of a run, with the patch's prompt rewrite, token embeddings and UNet hooks. */
+function tfjsEngine(model: StableDiffusion, opts: CommonOptions): RunEngine<tf.Tensor> {
+  return {
+    encodePrompts: (batch, run) => encodePrompts(model, batch.prompts, batch.negatives, run.guidance, run.clipSkip, opts.patch),
+    denoise: (start, context, guidance, loop) =>
+      denoise(model, start, {
+        ...loop,
+        context,
+        guidance,
         ...(opts.patch?.unetHooks === undefined ? {} : { unetHooks: opts.patch.unetHooks }),
-      });
-    } finally {
-      encoded.context.dispose();
-    }
-  } finally {
-    start.dispose();
-  }
-  const settings: RunSettings = {
-    sampler: run.spec.kind,
-    karras: run.spec.karras,
-    steps: run.spec.steps,
-    guidance: run.guidance,
-    eta: run.spec.eta,
-    clipSkip: run.clipSkip,
-    width,
-    height,
-    timesteps: sampler.timesteps.slice(fromStep),
-    strength,
+      }),
+    img2imgStart: (images, s) => img2imgLatents(model, images, s),
+    decode: (latents) => decodeLatents(model, latents, opts.tiledDecode ?? false),
   };
-  return finish(model, final, opts, run.seed, batch, settings, warnings);
 }
 
 /** What {@link img2imgLatents} needs besides the images. */
@@ -405,63 +225,28 @@ export interface Img2ImgStart {
  * posterior of each image, noised to the level of step `fromStep` (diffusers' prepare_latents).
  */
 export function img2imgLatents(model: StableDiffusion, images: readonly Image8[], s: Img2ImgStart): tf.Tensor {
-  const n = images.length;
   const first = images[0];
   if (first === undefined) throw new Error('img2img: no init image given');
-  const f = model.vae.cfg.downscale;
-  const c = model.vae.cfg.latentChannels;
-  const [h, w] = [first.height / f, first.width / f];
   const pixels = imageToTensor(images);
-  const posteriorEps = nchwToNhwc(s.generator.randn([n, c, h, w]), [n, c, h, w]).data;
-  const noise = nchwToNhwc(s.generator.randn([s.batch, c, h, w]), [s.batch, c, h, w]).data;
+  const draws = drawImg2ImgNoise(model.vae.cfg, s.generator, images.length, s.batch, first.width, first.height);
   const start = tf.tidy(() => {
     const posterior = vaeEncode(tfOps, model.vae.store.scope(), tf.tensor4d(pixels.data, pixels.shape), model.vae.cfg);
-    let x0 = scaleLatents(tfOps, samplePosterior(tfOps, posterior, tf.tensor4d(posteriorEps, [n, h, w, c])), model.vae.cfg);
-    if (n < s.batch) x0 = tf.tile(x0, [s.batch / n, 1, 1, 1]); // one image for the whole batch
-    return noiseToStep(model.scheduler, s.spec, s.sampler, x0, tf.tensor4d(noise, [s.batch, h, w, c]), s.fromStep);
+    return noisedPosterior(model, posterior, draws, s);
   });
   assertWeightsUsed(model.vae.store, 'VAE encoder', (k) => k.startsWith('encoder.') || k.startsWith('quant_conv.'));
   return start;
 }
 
 /** Decode NHWC latents (the UNet's scale) to raw images, one at a time. Returns NHWC [B, H, W, 3]. */
-export async function decodeLatents(model: StableDiffusion, latents: tf.Tensor, tiled = false): Promise<{ data: Float32Array; shape: [number, number, number, number] }> {
-  const [b, h, w] = latents.shape as [number, number, number, number];
-  const f = model.vae.cfg.downscale;
-  const ch = model.vae.cfg.outputChannels;
-  const shape: [number, number, number, number] = [b, h * f, w * f, ch];
-  const out = new Float32Array(shape.reduce((x, y) => x * y, 1));
-  const per = out.length / b;
-  for (let i = 0; i < b; i++) {
+export async function decodeLatents(model: StableDiffusion, latents: tf.Tensor, tiled = false): Promise<DecodedImages> {
+  return decodeEach(latents, model.vae.cfg, async (z) => {
     const image = tf.tidy(() => {
-      const z = unscaleLatents(tfOps, tf.slice(latents, [i, 0, 0, 0], [1, -1, -1, -1]), model.vae.cfg);
       const scope = model.vae.store.scope();
       return tiled ? vaeDecodeTiled(tfOps, scope, z, model.vae.cfg) : vaeDecode(tfOps, scope, z, model.vae.cfg);
     });
-    out.set(await image.data<'float32'>(), i * per);
+    const data = await image.data<'float32'>();
     image.dispose();
     assertWeightsUsed(model.vae.store, 'VAE decoder', (k) => k.startsWith('decoder.') || k.startsWith('post_quant_conv.'));
-  }
-  return { data: out, shape };
-}
-
-async function finish(
-  model: StableDiffusion,
-  final: tf.Tensor,
-  opts: CommonOptions,
-  seed: Seed,
-  batch: Batch,
-  settings: RunSettings,
-  warnings: string[],
-): Promise<GenerateResult> {
-  try {
-    const [b, h, w, c] = final.shape as [number, number, number, number];
-    const latents = nhwcToNchw(await final.data<'float32'>(), [b, h, w, c]).data;
-    const base = { seed, latents, latentShape: [b, c, h, w] as const, prompts: batch.prompts, negativePrompts: batch.negatives, settings, warnings };
-    if (opts.decode === false) return { ...base, images: [] };
-    const decoded = await decodeLatents(model, final, opts.tiledDecode ?? false);
-    return { ...base, images: tensorToImage(decoded.data, decoded.shape), decoded };
-  } finally {
-    final.dispose();
-  }
+    return data;
+  });
 }
