@@ -2,22 +2,39 @@
  * `sdwb export`: a model (diffusers folder or single-file checkpoint) with add-ons baked in →
  * Optimum's ONNX folder layout, for `sdwb generate --engine onnx` and ORTStableDiffusionPipeline.
  * Add-on flags are `sdwb generate`'s (same syntax, same loader, same composition): embeddings
- * become token-table rows, deltas and LoRAs the parameters they compose to. Progress goes to
- * stderr; the files written go to stdout.
+ * become token-table rows, deltas and LoRAs the parameters they compose to, hypernetworks UNet
+ * hooks recorded as nodes (the hook code tfjs runs, weights as initializers, strength baked in,
+ * several chained in flag order as generate chains them). Progress goes to stderr; the files
+ * written go to stdout.
  */
 import { promises as fs } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { initBackend } from '../backend.js';
-import { exportModel, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, type EmbeddingRows } from '../export/export-model.js';
+import { exportModel, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, type EmbeddingRows, type HypernetworkRecord, type UnetHooksFactory } from '../export/export-model.js';
 import type { LayoutPolicy } from '../export/recorder.js';
 import { hwioToOihw } from '../io/layout.js';
 import { convertSingleFileToDiffusers } from '../io/single-file.js';
 import { loadEmbedding } from '../methods/embedding-files.js';
+import { hypernetworkStem } from '../methods/hypernetwork-file.js';
+import { hypernetworkHooks, readHypernetworkFor } from '../methods/hypernetwork.js';
 import type { ModelPatch } from '../methods/types.js';
-import { ADDON_KINDS, ADDON_METHODS, AddonSpecError, checkAddonsAvailable, loadAddons, parseAddonSpec, type AddonSpec, type LoadedAddons } from '../pipeline/addons.js';
-import { disposeStableDiffusion, loadStableDiffusion } from '../pipeline/load.js';
+import type { UnetHooks } from '../models/unet/unet.js';
+import type { Ops } from '../ops/ops.js';
+import {
+  ADDON_KINDS,
+  ADDON_METHODS,
+  AddonSpecError,
+  chainContextHooks,
+  checkAddonsAvailable,
+  loadAddons,
+  parseAddonSpec,
+  sha256File,
+  type AddonSpec,
+  type LoadedAddons,
+} from '../pipeline/addons.js';
+import { disposeStableDiffusion, loadStableDiffusion, type StableDiffusion } from '../pipeline/load.js';
 import { runCommand, UsageError } from './errors.js';
 
 interface ExportFlags {
@@ -46,11 +63,6 @@ function opsetArg(v: string): number {
 function addonSpecs(flags: ExportFlags): AddonSpec[] {
   try {
     const specs = ADDON_KINDS.flatMap((kind) => flags[kind].map((text) => parseAddonSpec(kind, text)));
-    if (specs.some((s) => s.kind === 'hypernetwork')) {
-      // The hypernetwork method's hook calls tfjs directly; the recorder can only record hooks
-      // written over Ops<T> (ExportOptions.unetHooks).
-      throw new AddonSpecError('--hypernetwork: exporting hypernetworks is not available yet (their hook must be written over Ops<T> to be recorded into the UNet graph)');
-    }
     checkAddonsAvailable(specs);
     return specs;
   } catch (e) {
@@ -67,6 +79,23 @@ async function readEmbeddings(specs: readonly AddonSpec[]): Promise<EmbeddingRow
     rows.push({ token: e.token, rows: Array.from({ length: e.numVectors }, (_, i) => e.vectors.slice(i * e.width, (i + 1) * e.width)) });
   }
   return rows;
+}
+
+/**
+ * Hypernetwork files as one UNet-hooks factory for the recorder, chained in flag order (K through
+ * every K module, V through every V, as `sdwb generate` composes them), with their provenance.
+ */
+async function readHypernetworks(model: StableDiffusion, specs: readonly AddonSpec[]): Promise<{ hooks?: UnetHooksFactory; records: HypernetworkRecord[] }> {
+  const factories: UnetHooksFactory[] = [];
+  const records: HypernetworkRecord[] = [];
+  for (const spec of specs) {
+    const contents = await readHypernetworkFor(model.unet.cfg, spec.file);
+    factories.push(hypernetworkHooks(contents, spec.strength));
+    records.push({ name: hypernetworkStem(spec.file), source: path.basename(spec.file), sha256: await sha256File(spec.file), strength: spec.strength, widths: [...contents.modules.keys()] });
+  }
+  if (factories.length === 0) return { records };
+  const hooks = <T>(o: Ops<T>): UnetHooks<T> => ({ attentionContext: chainContextHooks(factories.map((f) => f(o).attentionContext!)) });
+  return { hooks, records };
 }
 
 /** The parameter overrides of composed add-ons (deltas replace, LoRAs add), as full keys in checkpoint layout. */
@@ -100,8 +129,10 @@ async function run(flags: ExportFlags): Promise<void> {
     let addons: LoadedAddons | undefined;
     try {
       const embeddingSpecs = specs.filter((s) => s.kind === 'embedding');
-      const weightSpecs = specs.filter((s) => s.kind !== 'embedding');
+      // Hypernetworks are recorded from their files (hooks over Ops); loadAddons would make tfjs hooks.
+      const weightSpecs = specs.filter((s) => s.kind === 'delta' || s.kind === 'lora');
       const embeddings = await readEmbeddings(embeddingSpecs);
+      const hypernetworks = await readHypernetworks(model, specs.filter((s) => s.kind === 'hypernetwork'));
       if (weightSpecs.length > 0) {
         addons = await loadAddons(model, weightSpecs);
         for (const w of addons.warnings) process.stderr.write(`warning: ${w}\n`);
@@ -109,6 +140,7 @@ async function run(flags: ExportFlags): Promise<void> {
       const report = await exportModel(model, flags.out, {
         embeddings,
         paramOverrides: addons === undefined ? new Map() : overridesOf(addons.patch),
+        ...(hypernetworks.hooks === undefined ? {} : { unetHooks: hypernetworks.hooks, hypernetworks: hypernetworks.records }),
         opset: flags.opset,
         layout: flags.layout,
         ...(flags.externalData === true ? { externalDataThreshold: 0 } : {}),
@@ -130,7 +162,7 @@ async function run(flags: ExportFlags): Promise<void> {
   }
 }
 
-/** `sdwb export`: ONNX export of a model with embeddings and weight deltas baked in. */
+/** `sdwb export`: ONNX export of a model with embeddings, weight deltas, LoRAs and hypernetworks baked in. */
 export function registerExport(program: Command): void {
   program
     .command('export')
@@ -140,7 +172,7 @@ export function registerExport(program: Command): void {
     .option('--embedding <file>', 'textual-inversion embedding to bake into the text encoder (as sdwb generate takes it); repeatable', collect, [])
     .option('--delta <file>', 'weight delta (ESD, UCE, …) to bake in: replaces the tensors it holds; repeatable', collect, [])
     .option('--lora <file[:weight]>', 'LoRA to merge at a weight (default 1); repeatable', collect, [])
-    .option('--hypernetwork <file[:strength]>', 'hypernetwork to record into the UNet (not available yet)', collect, [])
+    .option('--hypernetwork <file[:strength]>', 'A1111 hypernetwork to record into the UNet at a strength (default 1); repeatable, chained in order', collect, [])
     .option('--opset <n>', `ONNX opset (${MIN_OPSET}–${MAX_OPSET})`, opsetArg, DEFAULT_OPSET)
     .addOption(new Option('--layout <layout>', 'conv layout inside the graphs (nchw: fastest on onnxruntime)').choices(['nchw', 'nhwc']).default('nchw'))
     .option('--external-data', 'always write weights to model.onnx_data (default: only above protobuf’s 2 GiB limit)')

@@ -13,7 +13,8 @@
  * How add-ons plug in: textual-inversion embeddings become rows appended to the token table
  * (ids V, V+1, … as the tokenizer assigns them); ESD/UCE edits and merged LoRA become parameter
  * overrides (checkpoint layout, same shapes); hypernetworks become UNet hooks whose ops are
- * recorded into the graph like the UNet's own.
+ * recorded into the graph like the UNet's own (`hypernetworkHooks` in src/methods/hypernetwork.ts:
+ * the hook code tfjs runs, its weights as initializers, the strength baked in).
  */
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
@@ -45,6 +46,20 @@ export interface AddOnRecord {
   readonly weight?: number;
 }
 
+/** A hypernetwork recorded into the UNet (through `unetHooks`), for the provenance record and the model hash. */
+export interface HypernetworkRecord {
+  /** A1111's name for it: the file's stem. */
+  readonly name: string;
+  /** The file's name. */
+  readonly source: string;
+  /** SHA-256 of the file, hex (A1111's `Hypernet hash` is its first 10 digits). */
+  readonly sha256: string;
+  /** The strength baked in. */
+  readonly strength: number;
+  /** Context widths it has modules for. */
+  readonly widths: readonly number[];
+}
+
 export interface ExportOptions {
   readonly embeddings?: readonly EmbeddingRows[];
   /**
@@ -54,6 +69,8 @@ export interface ExportOptions {
   readonly paramOverrides?: ReadonlyMap<string, Float32Array>;
   /** UNet hooks (hypernetworks), recorded into the UNet graph. */
   readonly unetHooks?: UnetHooksFactory;
+  /** The hypernetworks `unetHooks` records, for the provenance (a hooks factory cannot describe itself). */
+  readonly hypernetworks?: readonly HypernetworkRecord[];
   /** ONNX opset, 14 or later (default 17). */
   readonly opset?: number;
   /** Conv output layout inside the graph (default 'nchw', the faster one; see README.md). */
@@ -175,6 +192,9 @@ export async function exportModel(model: StableDiffusion, outDir: string, opts: 
   if (!(Number.isInteger(opset) && opset >= MIN_OPSET && opset <= MAX_OPSET)) {
     throw new Error(`opset ${opset} is not supported (${MIN_OPSET}–${MAX_OPSET})`);
   }
+  if ((opts.hypernetworks?.length ?? 0) > 0 && opts.unetHooks === undefined) {
+    throw new Error('hypernetworks are listed for the provenance but no unetHooks record them (pass hypernetworkHooks(…) as unetHooks)');
+  }
   const layout = opts.layout ?? 'nchw';
   const progress = opts.onProgress ?? (() => {});
   const out = path.resolve(outDir);
@@ -268,9 +288,9 @@ export async function exportModel(model: StableDiffusion, outDir: string, opts: 
   const overridesDigest = overrideKeys.length === 0 ? undefined : sha256(overrideKeys.flatMap((k) => [k, bytesOf(opts.paramOverrides!.get(k)!)]));
   const modified = embeddings.length > 0 || overrideKeys.length > 0 || opts.unetHooks !== undefined;
   const addOns = opts.addOns ?? [];
-  const modelHash = modified
-    ? sha256([model.modelHash, JSON.stringify(embeddingRecords), overridesDigest ?? '', JSON.stringify(addOns), opts.unetHooks === undefined ? '' : 'hooks']).slice(0, 10)
-    : model.modelHash;
+  const hypernetworks = opts.hypernetworks ?? [];
+  const hooksId = opts.unetHooks === undefined ? '' : `hooks${hypernetworks.length === 0 ? '' : JSON.stringify(hypernetworks)}`;
+  const modelHash = modified ? sha256([model.modelHash, JSON.stringify(embeddingRecords), overridesDigest ?? '', JSON.stringify(addOns), hooksId]).slice(0, 10) : model.modelHash;
   const schedulerEntry = index.components.find((c) => c.name === 'scheduler');
   const onnx = ['onnxruntime', 'OnnxRuntimeModel'];
   await writeJson(path.join(out, 'model_index.json'), {
@@ -301,6 +321,7 @@ export async function exportModel(model: StableDiffusion, outDir: string, opts: 
       embeddings: embeddingRecords,
       param_overrides: overrideKeys.length === 0 ? undefined : { count: overrideKeys.length, keys: overrideKeys.length <= 64 ? overrideKeys : undefined, sha256: overridesDigest },
       unet_hooks: opts.unetHooks !== undefined,
+      hypernetworks: hypernetworks.length === 0 ? undefined : hypernetworks,
     },
   });
   progress('done');

@@ -12,6 +12,10 @@
  *
  * MLP_k and MLP_v are torch Sequentials of Linear → activation → LayerNorm → Dropout per layer of
  * `layer_structure` (see `hypernetwork-file.ts` for the exact layout, which fixes the file keys).
+ * They are written once over `Ops<T>` (`hypernetworkContextHook`; Linear, LayerNorm and the
+ * activations are nn.ts composites): tfjs runs that code for training and generation, and the ONNX
+ * recorder records it (`hypernetworkHooks`). Only Dropout's random masks stay tfjs-side, passed in
+ * by training; generation and export run in eval mode, where Dropout is the identity.
  *
  * Loss: the standard diffusion loss on the `data:` images with their captions (as textual
  * inversion's, DDPM eq. 4 noising, ε or v target), training only the hypernetwork: the text
@@ -25,9 +29,10 @@ import { z } from 'zod';
 import { nchwToNhwc } from '../io/layout.js';
 import { encodeText } from '../models/clip/text-encoder-tfjs.js';
 import type { UnetConfig } from '../models/unet/config.js';
-import { unet, type AttentionContextInfo } from '../models/unet/unet.js';
+import { unet, type UnetHooks } from '../models/unet/unet.js';
 import { samplePosterior, scaleLatents, vaeEncode } from '../models/vae/vae.js';
-import { gelu, layerNorm } from '../ops/nn.js';
+import { elu, gelu, hardSigmoid, hardSwish, layerNorm, leakyRelu, linear, logSigmoid, mish, relu, relu6, selu, silu, softplus, softsign } from '../ops/nn.js';
+import type { Ops } from '../ops/ops.js';
 import { ManifestScope, type Scope } from '../ops/scope.js';
 import { shapeOps, type ShapeOnly } from '../ops/shape-ops.js';
 import { tfOps } from '../ops/tfjs-ops.js';
@@ -138,31 +143,48 @@ export function archOf(cfg: Pick<HypernetworkConfig, ArchFields>): HypernetworkA
 }
 
 // =============================================================================================
-// The modules on tfjs
+// The modules, over Ops: one definition for training and generation (tfjs) and ONNX export
 
-/** One Sequential entry with its tensors (variables while training). */
-type TfLayer =
-  | { readonly kind: 'linear'; readonly index: number; readonly weight: tf.Tensor; readonly bias: tf.Tensor }
+/** One Sequential entry with its parameters: tfjs tensors (variables while training) or recorded constants. */
+export type HypernetworkLayer<T> =
+  | { readonly kind: 'linear'; readonly index: number; readonly weight: T; readonly bias: T }
   | { readonly kind: 'activation'; readonly index: number; readonly name: HypernetworkActivation }
-  | { readonly kind: 'layer_norm'; readonly index: number; readonly weight: tf.Tensor; readonly bias: tf.Tensor }
+  | { readonly kind: 'layer_norm'; readonly index: number; readonly weight: T; readonly bias: T }
   | { readonly kind: 'dropout'; readonly index: number; readonly p: number };
 
 /** One residual MLP (A1111's HypernetworkModule). */
-export interface HypernetworkModuleTensors {
+export interface HypernetworkModule<T> {
   readonly width: number;
-  readonly layers: readonly TfLayer[];
+  readonly layers: readonly HypernetworkLayer<T>[];
 }
+
+/** The K and the V module of one context width. */
+export type HypernetworkPair<T> = readonly [HypernetworkModule<T>, HypernetworkModule<T>];
+
+/** One residual MLP on tfjs. */
+export type HypernetworkModuleTensors = HypernetworkModule<tf.Tensor>;
 
 /** A hypernetwork on tfjs: per context width, the K and the V module. */
 export interface HypernetworkTensors {
   readonly arch: HypernetworkArch;
-  readonly modules: ReadonlyMap<number, readonly [HypernetworkModuleTensors, HypernetworkModuleTensors]>;
+  readonly modules: ReadonlyMap<number, HypernetworkPair<tf.Tensor>>;
 }
 
-/** An `attentionContext` hook: the context → what to_k and to_v read. */
-export type ContextHook = (context: tf.Tensor, info: AttentionContextInfo) => { k: tf.Tensor; v: tf.Tensor };
+/** An `attentionContext` hook: the context → what to_k and to_v read (tfjs unless `T` says otherwise). */
+export type ContextHook<T = tf.Tensor> = NonNullable<UnetHooks<T>['attentionContext']>;
 
-/** How a hypernetwork runs: strength, and dropout (training only). */
+/** How a hypernetwork runs over any {@link Ops}: strength, and dropout (training only). */
+export interface HypernetworkOpsRun<T> {
+  /** A1111's multiplier s in c + MLP(c)·s; 1 in training. */
+  readonly strength: number;
+  /**
+   * Dropout(p) of a hidden state. Only training passes one: random masks are not an Ops
+   * operation, and in eval mode (generation, export) torch's Dropout is the identity.
+   */
+  readonly dropout?: (h: T, p: number) => T;
+}
+
+/** How a hypernetwork runs on tfjs: strength, and dropout (training only). */
 export interface HypernetworkRun {
   /** A1111's multiplier s in c + MLP(c)·s; 1 in training. */
   readonly strength: number;
@@ -170,40 +192,55 @@ export interface HypernetworkRun {
   readonly dropoutSeed?: number;
 }
 
-// torch's definitions (torch.nn.* docs); A1111's 'swish' is Hardswish.
-const hardswish = (x: tf.Tensor) => tf.div(tf.mul(x, tf.relu6(tf.add(x, 3))), 6);
-const ACTIVATIONS: Readonly<Record<HypernetworkActivation, (x: tf.Tensor) => tf.Tensor>> = {
-  linear: (x) => x,
-  relu: (x) => tf.relu(x),
-  leakyrelu: (x) => tf.leakyRelu(x, 0.01),
-  elu: (x) => tf.elu(x),
-  swish: hardswish,
-  hardswish,
-  tanh: (x) => tf.tanh(x),
-  sigmoid: (x) => tf.sigmoid(x),
-  gelu: (x) => gelu(tfOps, x),
-  mish: (x) => tf.mul(x, tf.tanh(tf.softplus(x))),
-  silu: (x) => tf.mul(x, tf.sigmoid(x)),
-  relu6: (x) => tf.relu6(x),
-  selu: (x) => tf.selu(x),
-  // CELU with torch's default α = 1 is ELU.
-  celu: (x) => tf.elu(x),
-  softplus: (x) => tf.softplus(x),
-  softsign: (x) => tf.div(x, tf.add(tf.abs(x), 1)),
-  tanhshrink: (x) => tf.sub(x, tf.tanh(x)),
-  hardtanh: (x) => tf.clipByValue(x, -1, 1),
-  hardsigmoid: (x) => tf.div(tf.relu6(tf.add(x, 3)), 6),
-  logsigmoid: (x) => tf.logSigmoid(x),
+// torch's definitions of the A1111 names (torch.nn.* docs), each a composite of nn.ts. A1111's
+// 'swish' is Hardswish; CELU with torch's default α = 1 is ELU.
+const ACTIVATIONS: Readonly<Record<HypernetworkActivation, <T>(o: Ops<T>, x: T) => T>> = {
+  linear: (_o, x) => x,
+  relu: (o, x) => relu(o, x),
+  leakyrelu: (o, x) => leakyRelu(o, x, 0.01),
+  elu: (o, x) => elu(o, x),
+  swish: (o, x) => hardSwish(o, x),
+  hardswish: (o, x) => hardSwish(o, x),
+  tanh: (o, x) => o.tanh(x),
+  sigmoid: (o, x) => o.sigmoid(x),
+  gelu: (o, x) => gelu(o, x),
+  mish: (o, x) => mish(o, x),
+  silu: (o, x) => silu(o, x),
+  relu6: (o, x) => relu6(o, x),
+  selu: (o, x) => selu(o, x),
+  celu: (o, x) => elu(o, x),
+  softplus: (o, x) => softplus(o, x),
+  softsign: (o, x) => softsign(o, x),
+  tanhshrink: (o, x) => o.sub(x, o.tanh(x)),
+  hardtanh: (o, x) => o.clip(x, -1, 1),
+  hardsigmoid: (o, x) => hardSigmoid(o, x),
+  logsigmoid: (o, x) => logSigmoid(o, x),
 };
 
-/** Applies activation `name` elementwise (torch's definition of the A1111 name). */
-export function applyActivation(name: HypernetworkActivation, x: tf.Tensor): tf.Tensor {
-  return ACTIVATIONS[name](x);
+/** Applies activation `name` elementwise over any {@link Ops} (torch's definition of the A1111 name). */
+export function hypernetworkActivation<T>(o: Ops<T>, name: HypernetworkActivation, x: T): T {
+  return ACTIVATIONS[name](o, x);
 }
 
-// A Scope over one LayerNorm's two tensors, so the model code's layerNorm is reused.
-function layerNormScope(weight: tf.Tensor, bias: tf.Tensor): Scope<tf.Tensor> {
-  const scope: Scope<tf.Tensor> = { sub: () => scope, param: (key) => (key === 'weight' ? weight : bias) };
+/** Applies activation `name` elementwise on tfjs. */
+export function applyActivation(name: HypernetworkActivation, x: tf.Tensor): tf.Tensor {
+  return hypernetworkActivation(tfOps, name, x);
+}
+
+// A Scope over one layer's two tensors, so nn.ts's linear and layerNorm (the model code's own)
+// compute the layers; it checks the shapes they ask for.
+function layerScope<T>(o: Ops<T>, width: number, layer: { readonly index: number; readonly weight: T; readonly bias: T }): Scope<T> {
+  const scope: Scope<T> = {
+    sub: () => scope,
+    param: (key, shape) => {
+      const t = key === 'weight' ? layer.weight : key === 'bias' ? layer.bias : undefined;
+      const found = t === undefined ? undefined : o.shape(t);
+      if (found === undefined || found.length !== shape.length || found.some((d, i) => d !== shape[i])) {
+        throw new Error(`hypernetwork module ${width}: 'linear.${layer.index}.${key}' is ${found === undefined ? 'not a parameter' : `[${found.join(', ')}]`}, expected [${shape.join(', ')}]`);
+      }
+      return t!;
+    },
+  };
   return scope;
 }
 
@@ -218,54 +255,92 @@ export class DropoutStreams {
   }
 }
 
-/** c + MLP(c)·strength for a context [B, S, D] (any leading dims). */
-export function applyModule(m: HypernetworkModuleTensors, context: tf.Tensor, strength: number, dropout?: DropoutStreams): tf.Tensor {
-  const shape = context.shape;
-  let h = tf.reshape(context, [-1, m.width]); // [B·S, D]
+/** c + MLP(c)·strength for a context [..., D] over any {@link Ops}. */
+export function applyModule<T>(o: Ops<T>, m: HypernetworkModule<T>, context: T, run: HypernetworkOpsRun<T>): T {
+  let h = context;
   for (const l of m.layers) {
     switch (l.kind) {
-      case 'linear':
-        h = tf.add(tf.matMul(h, l.weight, false, true), l.bias); // torch Linear: h Wᵀ + b, W [out, in]
+      case 'linear': {
+        const [outF, inF] = o.shape(l.weight) as [number, number]; // torch Linear: h Wᵀ + b, W [out, in]
+        h = linear(o, layerScope(o, m.width, l), h, inF, outF);
         break;
+      }
       case 'activation':
-        h = applyActivation(l.name, h);
+        h = hypernetworkActivation(o, l.name, h);
         break;
       case 'layer_norm':
-        h = layerNorm(tfOps, layerNormScope(l.weight, l.bias), h, l.weight.shape[0]!, 1e-5); // torch LayerNorm eps
+        h = layerNorm(o, layerScope(o, m.width, l), h, o.shape(l.weight)[0]!, 1e-5); // torch LayerNorm eps
         break;
       case 'dropout':
-        if (dropout !== undefined) h = tf.mul(h, dropout.mask(h.shape, l.p));
+        if (run.dropout !== undefined) h = run.dropout(h, l.p);
         break;
     }
   }
-  const delta = tf.reshape(h, shape);
-  return tf.add(context, strength === 1 ? delta : tf.mul(delta, strength));
+  return o.add(context, run.strength === 1 ? h : o.mul(h, run.strength));
 }
 
-/** The `attentionContext` hook of a hypernetwork: contexts of an enabled width → (K(c), V(c)); others untouched. */
-export function hypernetworkHook(net: HypernetworkTensors, run: HypernetworkRun): ContextHook {
-  if (!Number.isFinite(run.strength)) throw new Error(`hypernetwork strength must be a finite number, got ${run.strength}`);
-  const dropout = run.dropoutSeed === undefined ? undefined : new DropoutStreams(run.dropoutSeed);
+function checkStrength(strength: number): void {
+  if (!Number.isFinite(strength)) throw new Error(`hypernetwork strength must be a finite number, got ${strength}`);
+}
+
+/**
+ * The `attentionContext` hook of a hypernetwork over any {@link Ops}: contexts of a width
+ * `modules` has a pair for → (K(c), V(c)); others untouched. The one definition that tfjs
+ * training and generation run and the ONNX export records.
+ */
+export function hypernetworkContextHook<T>(o: Ops<T>, modules: (width: number) => HypernetworkPair<T> | undefined, run: HypernetworkOpsRun<T>): ContextHook<T> {
+  checkStrength(run.strength);
   return (context, info) => {
-    const pair = net.modules.get(info.width);
+    // c + MLP(c)·0 = c: skipping the modules keeps strength 0 bit-identical to the base model, and
+    // an exported graph free of unused weights.
+    if (run.strength === 0) return { k: context, v: context };
+    const pair = modules(info.width);
     if (pair === undefined) return { k: context, v: context };
-    return { k: applyModule(pair[0], context, run.strength, dropout), v: applyModule(pair[1], context, run.strength, dropout) };
+    return { k: applyModule(o, pair[0], context, run), v: applyModule(o, pair[1], context, run) };
   };
 }
 
-/** Tensors for a file's (or a checkpoint's) state dicts; `make` decides tensor or variable. */
-export function moduleTensors(
-  width: number,
-  arch: HypernetworkArch,
-  dict: ModuleStateDict,
-  make: (key: string, t: FloatTensor) => tf.Tensor,
-): HypernetworkModuleTensors {
-  const get = (key: string): tf.Tensor => {
+/** The tfjs `attentionContext` hook of a hypernetwork, with seeded dropout when `run.dropoutSeed` is given (training). */
+export function hypernetworkHook(net: HypernetworkTensors, run: HypernetworkRun): ContextHook {
+  checkStrength(run.strength);
+  const streams = run.dropoutSeed === undefined ? undefined : new DropoutStreams(run.dropoutSeed);
+  const dropout = streams === undefined ? {} : { dropout: (h: tf.Tensor, p: number) => tf.mul(h, streams.mask(h.shape, p)) };
+  return hypernetworkContextHook(tfOps, (width) => net.modules.get(width), { strength: run.strength, ...dropout });
+}
+
+/**
+ * A hypernetwork's UNet hooks for any {@link Ops}, as the ONNX export takes them: weights become
+ * constants (initializers when recorded), made once per width on first use in each traced
+ * forward (so a module reached by several attentions is stored once, and widths the model lacks
+ * not at all), with `strength` baked in and no dropout (eval mode).
+ */
+export function hypernetworkHooks(contents: HypernetworkFileContents, strength: number): <T>(o: Ops<T>) => UnetHooks<T> {
+  checkStrength(strength);
+  return <T>(o: Ops<T>): UnetHooks<T> => {
+    const made = new Map<number, HypernetworkPair<T>>();
+    const make = (_key: string, t: FloatTensor): T => o.constant(t.data, t.shape);
+    const modules = (width: number): HypernetworkPair<T> | undefined => {
+      const dicts = contents.modules.get(width);
+      if (dicts === undefined) return undefined;
+      let pair = made.get(width);
+      if (pair === undefined) {
+        pair = [moduleTensors(width, contents.arch, dicts[0], make), moduleTensors(width, contents.arch, dicts[1], make)];
+        made.set(width, pair);
+      }
+      return pair;
+    };
+    return { attentionContext: hypernetworkContextHook(o, modules, { strength }) };
+  };
+}
+
+/** A module's parameters from a file's (or a checkpoint's) state dict; `make` decides what they become (tensor, variable, constant). */
+export function moduleTensors<T>(width: number, arch: HypernetworkArch, dict: ModuleStateDict, make: (key: string, t: FloatTensor) => T): HypernetworkModule<T> {
+  const get = (key: string): T => {
     const t = dict.get(key);
     if (t === undefined) throw new Error(`hypernetwork module ${width}: missing '${key}'`);
     return make(key, t);
   };
-  const layers = moduleLayout(width, arch).map((l): TfLayer => {
+  const layers = moduleLayout(width, arch).map((l): HypernetworkLayer<T> => {
     switch (l.kind) {
       case 'linear':
       case 'layer_norm':
@@ -406,8 +481,19 @@ export interface HypernetworkApplyOptions {
  */
 export async function applyHypernetworkFile(model: StableDiffusion, file: string, options: HypernetworkApplyOptions = {}): Promise<AppliedArtifact> {
   const strength = options.strength ?? 1;
+  const contents = await readHypernetworkFor(model.unet.cfg, file);
+  const net = hypernetworkFromContents(contents);
+  const patch: ModelPatch = { unetHooks: { attentionContext: hypernetworkHook(net, { strength }) } };
+  return { patch, triggers: [], dispose: () => tf.dispose(allTensors(net)) };
+}
+
+/**
+ * Reads an A1111 hypernetwork file for a UNet of config `cfg`; fails when none of its widths
+ * occurs in the model (a hypernetwork for another model).
+ */
+export async function readHypernetworkFor(cfg: UnetConfig, file: string): Promise<HypernetworkFileContents> {
   const contents = await readHypernetworkPt(file);
-  const widths = attentionWidths(model.unet.cfg);
+  const widths = attentionWidths(cfg);
   const sizes = [...contents.modules.keys()];
   if (!sizes.some((w) => widths.has(w))) {
     const madeFor = contents.sdCheckpointName === null ? '' : ` (${contents.sdCheckpointName})`;
@@ -415,9 +501,7 @@ export async function applyHypernetworkFile(model: StableDiffusion, file: string
       `${file}: hypernetwork modules for widths ${sizes.join(', ')}, but this model's attention contexts are ${describeWidths(widths)}: it was made for another model${madeFor}`,
     );
   }
-  const net = hypernetworkFromContents(contents);
-  const patch: ModelPatch = { unetHooks: { attentionContext: hypernetworkHook(net, { strength }) } };
-  return { patch, triggers: [], dispose: () => tf.dispose(allTensors(net)) };
+  return contents;
 }
 
 /** A loaded file as tensors. */

@@ -53,8 +53,88 @@ export function layerNorm<T>(o: Ops<T>, p: Scope<T>, x: T, width: number, eps: n
   return o.add(o.mul(normed, p.param('weight', [width])), p.param('bias', [width]));
 }
 
+/** SiLU (swish-1): x·σ(x). */
 export function silu<T>(o: Ops<T>, x: T): T {
   return o.mul(x, o.sigmoid(x));
+}
+
+// The piecewise activations below are built from one clip, min(x, 0), because Ops has no max or
+// abs: relu(x) = x − min(x, 0) is exact in float (x − x = 0, x − 0 = x), and since clip passes
+// the gradient at its bounds (tfjs ClipByValue is inclusive), relu'(0) = 1 − 1 = 0 and
+// leakyrelu'(0) = slope, torch's choices, on the training path too.
+const BIG = Number.MAX_VALUE;
+
+/** min(x, 0), the negative part (gradient 1 at 0). */
+function negativePart<T>(o: Ops<T>, x: T): T {
+  return o.clip(x, -BIG, 0);
+}
+
+/** `nn.ReLU`: max(x, 0), gradient 0 at 0 as torch's. */
+export function relu<T>(o: Ops<T>, x: T): T {
+  return o.sub(x, negativePart(o, x));
+}
+
+/** `nn.ReLU6`: min(max(x, 0), 6), clipping relu(x) so the gradient at 0 is torch's 0 too. */
+export function relu6<T>(o: Ops<T>, x: T): T {
+  return o.clip(relu(o, x), 0, 6);
+}
+
+/** `nn.LeakyReLU(slope)`: x for x > 0, slope·x otherwise (exact on both sides). */
+export function leakyRelu<T>(o: Ops<T>, x: T, slope: number): T {
+  return o.add(relu(o, x), o.mul(negativePart(o, x), slope));
+}
+
+/** `nn.ELU(alpha)`: x for x > 0, α(eˣ − 1) otherwise (CELU with its default α = 1 is the same function). */
+export function elu<T>(o: Ops<T>, x: T, alpha = 1): T {
+  const negative = o.sub(o.exp(negativePart(o, x)), 1); // exp(min(x, 0)) − 1: 0 for x ≥ 0, never overflows
+  return o.add(relu(o, x), alpha === 1 ? negative : o.mul(negative, alpha));
+}
+
+const SELU_ALPHA = 1.6732632423543772848170429916717;
+const SELU_SCALE = 1.0507009873554804934193349852946;
+
+/** `nn.SELU`: scale·ELU_α(x) with torch's constants. */
+export function selu<T>(o: Ops<T>, x: T): T {
+  return o.mul(elu(o, x, SELU_ALPHA), SELU_SCALE);
+}
+
+/** |x| (gradient −1 at 0, a subgradient). */
+export function abs<T>(o: Ops<T>, x: T): T {
+  return o.sub(relu(o, x), negativePart(o, x));
+}
+
+/**
+ * `nn.Softplus` (β = 1): log(1 + eˣ), computed as max(x, 0) + log(1 + e^−|x|) so eˣ never
+ * overflows (log(1 + eˣ) is inf for x > 88 in float32, and its gradient NaN). For x < −17 the
+ * result is 0 instead of eˣ < 4e−8 (no log1p in Ops), an absolute error below that.
+ */
+export function softplus<T>(o: Ops<T>, x: T): T {
+  return o.add(relu(o, x), o.log(o.add(o.exp(o.neg(abs(o, x))), 1)));
+}
+
+/** `nn.Mish`: x·tanh(softplus(x)). */
+export function mish<T>(o: Ops<T>, x: T): T {
+  return o.mul(x, o.tanh(softplus(o, x)));
+}
+
+/** `nn.Hardsigmoid`: relu6(x + 3) / 6. */
+export function hardSigmoid<T>(o: Ops<T>, x: T): T {
+  return o.div(o.clip(o.add(x, 3), 0, 6), 6);
+}
+
+/** `nn.Hardswish`: x·relu6(x + 3) / 6. */
+export function hardSwish<T>(o: Ops<T>, x: T): T {
+  return o.div(o.mul(x, o.clip(o.add(x, 3), 0, 6)), 6);
+}
+
+/** `nn.Softsign`: x / (1 + |x|). */
+export function softsign<T>(o: Ops<T>, x: T): T {
+  return o.div(x, o.add(abs(o, x), 1));
+}
+
+/** `nn.LogSigmoid`: log σ(x) = −softplus(−x) (log(sigmoid(x)) is −inf for x < −88 in float32). */
+export function logSigmoid<T>(o: Ops<T>, x: T): T {
+  return o.neg(softplus(o, o.neg(x)));
 }
 
 /** Exact (erf) GELU, PyTorch's default `F.gelu`. */
@@ -69,6 +149,7 @@ export function quickGelu<T>(o: Ops<T>, x: T): T {
 
 export type Activation = 'silu' | 'gelu' | 'quick_gelu' | 'relu';
 
+/** The activation a model config names (CLIP's `hidden_act`). */
 export function activation<T>(o: Ops<T>, name: Activation, x: T): T {
   switch (name) {
     case 'silu':
@@ -78,7 +159,7 @@ export function activation<T>(o: Ops<T>, name: Activation, x: T): T {
     case 'quick_gelu':
       return quickGelu(o, x);
     case 'relu':
-      return o.clip(x, 0, Number.MAX_VALUE);
+      return relu(o, x);
   }
 }
 

@@ -237,12 +237,15 @@ export function composePatches(model: StableDiffusion, patches: readonly KindedP
   };
 }
 
-type ContextHook = NonNullable<UnetHooks<tf.Tensor>['attentionContext']>;
+type ContextHook<T> = NonNullable<UnetHooks<T>['attentionContext']>;
 
-/** K through every hook's K, V through every hook's V (one call while they are still the same tensor). */
-function chainContextHooks(hooks: readonly ContextHook[]): ContextHook {
+/**
+ * K through every hook's K, V through every hook's V (one call while they are still the same
+ * tensor), over any tensor type: the ONNX export chains hypernetworks the same way.
+ */
+export function chainContextHooks<T>(hooks: readonly ContextHook<T>[]): ContextHook<T> {
   if (hooks.length === 1) return hooks[0]!;
-  return (context: tf.Tensor, info: AttentionContextInfo) => {
+  return (context: T, info: AttentionContextInfo) => {
     let k = context;
     let v = context;
     for (const hook of hooks) {
@@ -306,7 +309,7 @@ function composeParams(model: StableDiffusion, patches: readonly KindedPatch[], 
 // Infotext
 
 /** SHA-256 of a file, hex. */
-async function sha256File(file: string): Promise<string> {
+export async function sha256File(file: string): Promise<string> {
   const hash = createHash('sha256');
   for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
   return hash.digest('hex');

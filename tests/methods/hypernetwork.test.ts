@@ -192,6 +192,27 @@ describe('activations (torch definitions of the A1111 names)', () => {
     // Central differences of the reference definition.
     [-0.7, 0.4, 2].forEach((x, i) => expect(grad[i]!, `${name}'(${x})`).toBeCloseTo((f(x + 1e-4) - f(x - 1e-4)) / 2e-4, 3));
   });
+
+  it("takes torch's gradient at the kink x = 0 (exact zeros occur: zero biases, zero inputs)", () => {
+    // torch: relu/relu6 backward 0 at 0, leaky_relu the slope, elu/selu the x ≤ 0 branch.
+    const atZero: Partial<Record<string, number>> = {
+      relu: 0,
+      relu6: 0,
+      leakyrelu: 0.01,
+      elu: 1,
+      celu: 1,
+      selu: SELU_SCALE * SELU_ALPHA,
+      softplus: 0.5,
+      logsigmoid: 0.5,
+      mish: Math.tanh(Math.LN2),
+      softsign: 1,
+    };
+    for (const [name, expectedGrad] of Object.entries(atZero)) {
+      const act = name as Parameters<typeof applyActivation>[0];
+      const grad = tf.tidy(() => tf.grad((x: tf.Tensor) => tf.sum(applyActivation(act, x)))(tf.tensor1d([0])).dataSync());
+      expect(grad[0]!, `${name}'(0)`).toBeCloseTo(expectedGrad!, 5);
+    }
+  });
 });
 
 describe('initial weights (A1111 HypernetworkModule.__init__)', () => {

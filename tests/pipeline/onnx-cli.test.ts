@@ -1,8 +1,9 @@
 /**
  * `sdwb export` and `sdwb generate --engine onnx` as a user runs them: an export with an
- * embedding and a delta (the add-on flags of `sdwb generate`, with the same effect: the export
- * generates what tfjs generates with the flag), the reference DDIM run through the exported
- * folder, a single-file checkpoint exported directly, and the flags that are not available yet.
+ * embedding and a delta, and one with two hypernetworks at strengths (the add-on flags of `sdwb
+ * generate`, with the same effect: the export generates what tfjs generates with the flags), the
+ * reference DDIM run through the exported folder, a single-file checkpoint exported directly, and
+ * bad flags.
  */
 import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
@@ -14,6 +15,7 @@ import { readInitializers } from '../../src/export/read.js';
 import { parseParameters, readPngText } from '../../src/io/png-text.js';
 import { SafetensorsFile, writeSafetensors } from '../../src/io/safetensors.js';
 import { diff, get, readRef, TINY_SD } from '../helpers/fixtures.js';
+import { writeTestHypernetwork } from '../helpers/hypernetwork.js';
 
 const run = promisify(execFile);
 const ROOT = path.resolve(import.meta.dirname, '../..');
@@ -37,6 +39,7 @@ let dir: string;
 let exported: string;
 let embeddingFile: string;
 let deltaFile: string;
+let hypernetworkFiles: [string, string];
 
 beforeAll(async () => {
   dir = await fs.mkdtemp(path.join(os.tmpdir(), 'sdwb-onnx-cli-'));
@@ -46,7 +49,21 @@ beforeAll(async () => {
   // A delta replaces the tensors it holds (bare keys are UNet keys), as `sdwb generate --delta` applies it.
   await writeSafetensors(deltaFile, { 'conv_in.bias': { dtype: 'F32', shape: [32], data: Float32Array.from({ length: 32 }, (_, i) => 0.01 * i) } });
   exported = path.join(dir, 'onnx');
+  // Two hypernetworks, chained: one on every attention of the tiny UNet (32: cross and self, 64:
+  // self), one on the 64-wide self-attention only, each with a Dropout that generation skips.
+  hypernetworkFiles = [path.join(dir, 'hn-a.pt'), path.join(dir, 'hn-b.pt')];
+  await writeTestHypernetwork(hypernetworkFiles[0], [32, 64], { layerStructure: [1, 2, 1], activation: 'elu', activateOutput: false, layerNorm: true, dropoutStructure: [0, 0.3, 0] }, 3);
+  await writeTestHypernetwork(hypernetworkFiles[1], [64], { layerStructure: [1, 1.5, 1], activation: 'swish', activateOutput: true, layerNorm: false, dropoutStructure: [0, 0, 0] }, 4);
 });
+
+async function readLatents(file: string): Promise<Float32Array> {
+  const f = await SafetensorsFile.open(file);
+  try {
+    return await f.readFloat32('latents');
+  } finally {
+    await f.close();
+  }
+}
 
 afterAll(async () => {
   await fs.rm(dir, { recursive: true, force: true });
@@ -75,22 +92,51 @@ describe('sdwb export', () => {
     expect(a.code, a.stderr).toBe(0);
     const b = await sdwb('generate', '--model', TINY_SD, '--embedding', embeddingFile, '--delta', deltaFile, ...common, '--save-latents', tfjsLatents, '--out', path.join(dir, 'b'));
     expect(b.code, b.stderr).toBe(0);
-    const read = async (file: string) => {
-      const f = await SafetensorsFile.open(file);
-      try {
-        return await f.readFloat32('latents');
-      } finally {
-        await f.close();
-      }
-    };
-    const d = diff(await read(onnxLatents), await read(tfjsLatents));
+    const d = diff(await readLatents(onnxLatents), await readLatents(tfjsLatents));
     expect(d.rel, JSON.stringify(d)).toBeLessThanOrEqual(1e-4);
   });
 
-  it('refuses hypernetworks for now, and a missing add-on file, before writing anything', async () => {
-    const h = await sdwb('export', '--model', TINY_SD, '--out', path.join(dir, 'h'), '--hypernetwork', 'x.pt:0.5');
-    expect(h.code).toBe(2);
-    expect(h.stderr).toMatch(/^sdwb export: --hypernetwork: exporting hypernetworks is not available yet/m);
+  it('exports hypernetworks at strengths (chained in flag order) that generate what sdwb generate gives on tfjs with the same --hypernetwork flags', async () => {
+    const [a, b] = hypernetworkFiles;
+    const flags = ['--hypernetwork', `${a}:0.6`, '--hypernetwork', `${b}:-0.8`];
+    const out = path.join(dir, 'onnx-hn');
+    const e = await sdwb('export', '--model', TINY_SD, '--out', out, ...flags);
+    expect(e.code, e.stderr).toBe(0);
+    expect(e.stdout).toMatch(/^unet: .*unet\/model.onnx, \d+ nodes/m);
+    const index = JSON.parse(await fs.readFile(path.join(out, 'model_index.json'), 'utf8')) as {
+      _sdwb_export: { add_ons: unknown[]; unet_hooks: boolean; hypernetworks: { name: string; source: string; sha256: string; strength: number; widths: number[] }[] };
+    };
+    expect(index._sdwb_export.add_ons).toEqual([
+      { kind: 'hypernetwork', source: 'hn-a.pt', weight: 0.6 },
+      { kind: 'hypernetwork', source: 'hn-b.pt', weight: -0.8 },
+    ]);
+    expect(index._sdwb_export.unet_hooks).toBe(true);
+    expect(index._sdwb_export.hypernetworks).toMatchObject([
+      { name: 'hn-a', source: 'hn-a.pt', strength: 0.6, widths: [32, 64] },
+      { name: 'hn-b', source: 'hn-b.pt', strength: -0.8, widths: [64] },
+    ]);
+    expect(index._sdwb_export.hypernetworks[0]!.sha256).toMatch(/^[0-9a-f]{64}$/);
+
+    const common = ['--prompt', 'a photo of a cat', '--steps', '3', '--sampler', 'ddim', '--seed', '5'];
+    const latents = (name: string) => path.join(dir, `${name}-latents.safetensors`);
+    const o = await sdwb('generate', '--engine', 'onnx', '--threads', '1', '--model', out, ...common, '--save-latents', latents('onnx-hn'), '--out', path.join(dir, 'c'));
+    expect(o.code, o.stderr).toBe(0);
+    const t = await sdwb('generate', '--model', TINY_SD, ...flags, ...common, '--save-latents', latents('tfjs-hn'), '--out', path.join(dir, 'd'));
+    expect(t.code, t.stderr).toBe(0);
+    const base = await sdwb('generate', '--model', TINY_SD, ...common, '--save-latents', latents('tfjs-base'), '--out', path.join(dir, 'e'));
+    expect(base.code, base.stderr).toBe(0);
+    const onnx = await readLatents(latents('onnx-hn'));
+    const d = diff(onnx, await readLatents(latents('tfjs-hn')));
+    console.log(`[onnx-cli] hypernetwork export vs tfjs generate --hypernetwork: final latents rel ${d.rel.toExponential(2)}`);
+    expect(d.rel, JSON.stringify(d)).toBeLessThanOrEqual(1e-4);
+    // Not vacuous: the hypernetworks move the latents far beyond that tolerance.
+    expect(diff(onnx, await readLatents(latents('tfjs-base'))).rel).toBeGreaterThan(1e-2);
+  });
+
+  it('refuses a missing add-on file and a bad opset before writing anything', async () => {
+    const h = await sdwb('export', '--model', TINY_SD, '--out', path.join(dir, 'h'), '--hypernetwork', `${path.join(dir, 'missing.pt')}:0.5`);
+    expect(h.code).not.toBe(0);
+    expect(h.stderr).toContain('missing.pt');
     const l = await sdwb('export', '--model', TINY_SD, '--out', path.join(dir, 'l'), '--lora', path.join(dir, 'missing.safetensors:0.8'));
     expect(l.code).not.toBe(0);
     expect(l.stderr).toContain('missing.safetensors');
