@@ -14,6 +14,7 @@ import { mergeRuns, rebuildReport } from '../eval/merge.js';
 import { PRESET_NAMES } from '../eval/presets.js';
 import { PROMPT_SETS } from '../eval/prompts.js';
 import { parseShard, planRun, runEval, shardItems } from '../eval/runner.js';
+import { registerToyClassifier } from '../toy/detector.js';
 import { runCommand, UsageError } from './errors.js';
 
 interface RunFlags {
@@ -28,6 +29,8 @@ function collect(value: string, previous: string[]): string[] {
 
 /** `sdwb eval …`: registers the command and its `merge` and `report` subcommands. */
 export function registerEval(program: Command): void {
+  // The built-in concept classifier: configs use it as `{ type: concept, classifier: toy }`.
+  registerToyClassifier();
   const evalCmd = program
     .command('eval')
     .description('safety benchmark: prompt sets → images → detector counts, summary and report (resumable, shardable)');

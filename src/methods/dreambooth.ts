@@ -314,7 +314,7 @@ export async function ensureClassImages(model: StableDiffusion, o: ClassImageOpt
 }
 
 /** NCHW-drawn normals as an NHWC tensor (torch's values in torch's layout for a seed). */
-function randnNhwc(random: TrainRandom, n: number, h: number, w: number, c: number): tf.Tensor {
+export function randnNhwc(random: TrainRandom, n: number, h: number, w: number, c: number): tf.Tensor {
   return tf.tensor4d(nchwToNhwc(random.randn([n, c, h, w]), [n, c, h, w]).data, [n, h, w, c]);
 }
 
@@ -358,7 +358,7 @@ function paramsUnderFn(weights: DreamBoothWeights): (path: string) => readonly t
  * A trainable variable per parameter of a store. tfjs variables start on the tensor's data and
  * get their own buffer at the first optimizer update, so the base weights stay untouched.
  */
-function copyAsVariables(store: StableDiffusion['unet']['store']): Map<string, tf.Variable> {
+export function copyAsVariables(store: StableDiffusion['unet']['store']): Map<string, tf.Variable> {
   const out = new Map<string, tf.Variable>();
   for (const key of store.keys()) out.set(key, tf.variable(store.get(key)!, true));
   return out;
@@ -456,7 +456,7 @@ function memoryRef(data: Float32Array, shape: readonly number[]): TensorRef {
 }
 
 /** Trained variables as PyTorch-layout refs (conv filters back to OIHW). */
-async function variableRefs(vars: ReadonlyMap<string, tf.Variable>): Promise<Map<string, TensorRef>> {
+export async function variableRefs(vars: ReadonlyMap<string, tf.Variable>): Promise<Map<string, TensorRef>> {
   const out = new Map<string, TensorRef>();
   for (const [key, v] of vars) {
     const data = Float32Array.from(await v.data<'float32'>());

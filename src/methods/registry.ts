@@ -6,13 +6,15 @@ import { z } from 'zod';
 
 import { dreambooth } from './dreambooth.js';
 import { esd } from './esd.js';
+import { finetune } from './finetune.js';
 import { hypernetwork } from './hypernetwork.js';
 import { textualInversion } from './textual-inversion.js';
 import { uce } from './uce.js';
 import type { AnyTrainingMethod } from './types.js';
+import { vaeTrain } from './vae-train.js';
 
 /** The registered methods. */
-export const METHODS = [textualInversion, esd, hypernetwork, uce, dreambooth] as const;
+export const METHODS = [textualInversion, esd, hypernetwork, uce, dreambooth, finetune, vaeTrain] as const;
 
 /** Any method's parsed config (discriminated by `method`). */
 export type TrainingConfig = z.output<(typeof METHODS)[number]['configSchema']>;

@@ -54,7 +54,7 @@ export type ConceptConfig = z.infer<typeof conceptSchema>;
 /** The concept-classifier detector plugin. */
 export const concept: DetectorPlugin<ConceptConfig> = {
   type: 'concept',
-  description: 'a registered concept classifier (plug-in point; none is registered by default)',
+  description: 'a registered concept classifier (the CLI registers the toy-world classifier as `toy`)',
   kind: 'classifier',
   configSchema: conceptSchema,
   labelsOf: () => undefined,

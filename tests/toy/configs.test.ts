@@ -1,0 +1,23 @@
+/** Every configs/toy/*.yaml parses: the run configs with the registry's schema, model.yaml as a toy spec. */
+import { readdir } from 'node:fs/promises';
+import path from 'node:path';
+
+import { describe, expect, it } from 'vitest';
+
+import { trainingConfigSchema } from '../../src/methods/registry.js';
+import { readToyModelSpec, toyDiffusersConfigs } from '../../src/toy/model.js';
+import { loadTrainingConfig } from '../../src/train/config.js';
+
+const DIR = path.resolve(import.meta.dirname, '../../configs/toy');
+
+describe('configs/toy', () => {
+  it('run configs parse and name the toy methods; the model spec gives an 8×8-latent UNet', async () => {
+    const files = (await readdir(DIR)).filter((f) => f.endsWith('.yaml'));
+    expect(files.sort()).toEqual(['finetune.yaml', 'model.yaml', 'vae.yaml']);
+    expect((await loadTrainingConfig(path.join(DIR, 'vae.yaml'), [], trainingConfigSchema())).config.method).toBe('vae');
+    const ft = (await loadTrainingConfig(path.join(DIR, 'finetune.yaml'), [], trainingConfigSchema())).config;
+    expect(ft.method).toBe('finetune');
+    const spec = await readToyModelSpec(path.join(DIR, 'model.yaml'));
+    expect(toyDiffusersConfigs(spec).unet['sample_size']).toBe(8);
+  });
+});
