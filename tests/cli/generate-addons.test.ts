@@ -3,12 +3,10 @@
  * latents (hypernetwork strength 0 does not), the PNG records them in A1111's keys, and bad flags
  * fail with one line before any model loads.
  */
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 
 import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -20,23 +18,10 @@ import { hypernetwork, hypernetworkConfigSchema, type HypernetworkState } from '
 import { disposeStableDiffusion, loadStableDiffusion } from '../../src/pipeline/load.js';
 import { setupRandom } from '../../src/train/rng-state.js';
 import { TINY_SD } from '../helpers/fixtures.js';
+import { runSdwb, type CliResult } from '../helpers/cli.js';
 
-const run = promisify(execFile);
-const ROOT = path.resolve(import.meta.dirname, '../..');
 
-async function sdwb(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, ['--import', 'tsx', path.join(ROOT, 'src/cli/main.ts'), ...args], {
-      cwd: ROOT,
-      maxBuffer: 1 << 26,
-      env: { ...process.env, SDWB_BACKEND: 'wasm' },
-    });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: err.code ?? -1, stdout: err.stdout ?? '', stderr: err.stderr ?? '' };
-  }
-}
+const sdwb = (...args: string[]): Promise<CliResult> => runSdwb(args, { backend: 'wasm' });
 
 const errorLines = (stderr: string) =>
   stderr

@@ -3,39 +3,19 @@
  * final latents, the PNG carries A1111 parameters that parse back to the settings given, and bad
  * input fails with one clear line.
  */
-import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseParameters, readPngText } from '../../src/io/png-text.js';
 import { SafetensorsFile, writeSafetensors } from '../../src/io/safetensors.js';
 import { diff, get, readRef, TINY_SD, type RefTensor } from '../helpers/fixtures.js';
+import { runSdwb, type CliResult } from '../helpers/cli.js';
 
-const run = promisify(execFile);
-const ROOT = path.resolve(import.meta.dirname, '../..');
 const PROMPT = 'a photo of an astronaut riding a horse';
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
-async function sdwb(...args: string[]): Promise<CliResult> {
-  try {
-    const r = await run(process.execPath, ['--import', 'tsx', path.join(ROOT, 'src/cli/main.ts'), ...args], {
-      cwd: ROOT,
-      maxBuffer: 1 << 26,
-      env: { ...process.env, SDWB_BACKEND: 'wasm' },
-    });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: err.code ?? -1, stdout: err.stdout ?? '', stderr: err.stderr ?? '' };
-  }
-}
+const sdwb = (...args: string[]): Promise<CliResult> => runSdwb(args, { backend: 'wasm' });
 
 /** The lines of stderr that are not the backend banner or progress. */
 function errorLines(stderr: string): string[] {

@@ -3,11 +3,10 @@
  * logs, checkpoints and writes embeddings that load back; the loss falls; Ctrl-C saves a
  * checkpoint and exits; kill -9 leaves only whole checkpoints, and --resume continues.
  */
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdtemp, readdir, readFile, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 
 import sharp from 'sharp';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -16,8 +15,8 @@ import { loadEmbedding } from '../../src/methods/embedding-files.js';
 import { listCheckpoints, readCheckpoint } from '../../src/train/checkpoint.js';
 import { readMetrics } from '../../src/train/metrics.js';
 import { TINY_SD } from '../helpers/fixtures.js';
+import { runSdwb, type CliResult } from '../helpers/cli.js';
 
-const run = promisify(execFile);
 const ROOT = path.resolve(import.meta.dirname, '../..');
 const MAIN = path.join(ROOT, 'src/cli/main.ts');
 const CONFIG = path.join(ROOT, 'configs/textual-inversion.yaml');
@@ -45,15 +44,7 @@ function sets(outputDir: string, extra: readonly string[]): string[] {
   ].flatMap((s) => ['--set', s]);
 }
 
-async function sdwb(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, ['--import', 'tsx', MAIN, ...args], { cwd: ROOT, maxBuffer: 1 << 26 });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: err.code ?? -1, stdout: err.stdout ?? '', stderr: err.stderr ?? '' };
-  }
-}
+const sdwb = (args: readonly string[]): Promise<CliResult> => runSdwb(args);
 
 const mean = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 

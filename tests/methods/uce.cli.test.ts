@@ -2,31 +2,20 @@
  * `sdwb train configs/uce-artists.yaml` end to end on the tiny model: the example config (the
  * reference call's concepts, λ and scales) writes a delta equal to the official UCE output.
  */
-import { execFile } from 'node:child_process';
 import { mkdtemp, readdir } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 
 import { describe, expect, it } from 'vitest';
 
 import { SafetensorsFile } from '../../src/io/safetensors.js';
 import { diff, ERASURE_REF, readRef, TINY_SD } from '../helpers/fixtures.js';
+import { runSdwb, type CliResult } from '../helpers/cli.js';
 
-const run = promisify(execFile);
 const ROOT = path.resolve(import.meta.dirname, '../..');
-const MAIN = path.join(ROOT, 'src/cli/main.ts');
 const CONFIG = path.join(ROOT, 'configs/uce-artists.yaml');
 
-async function sdwb(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, ['--import', 'tsx', MAIN, ...args], { cwd: ROOT, maxBuffer: 1 << 26 });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: err.code ?? -1, stdout: err.stdout ?? '', stderr: err.stderr ?? '' };
-  }
-}
+const sdwb = (args: readonly string[]): Promise<CliResult> => runSdwb(args);
 
 describe('sdwb train configs/uce-artists.yaml', () => {
   it('writes the UCE delta of the tiny model, equal to the official output', async () => {

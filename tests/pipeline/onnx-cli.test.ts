@@ -5,35 +5,20 @@
  * reference DDIM run through the exported folder, a single-file checkpoint exported directly, and
  * bad flags.
  */
-import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readInitializers } from '../../src/export/read.js';
 import { parseParameters, readPngText } from '../../src/io/png-text.js';
 import { SafetensorsFile, writeSafetensors } from '../../src/io/safetensors.js';
 import { diff, get, readRef, TINY_SD } from '../helpers/fixtures.js';
 import { writeTestHypernetwork } from '../helpers/hypernetwork.js';
+import { runSdwb, type CliResult } from '../helpers/cli.js';
 
-const run = promisify(execFile);
-const ROOT = path.resolve(import.meta.dirname, '../..');
 const PROMPT = 'a photo of an astronaut riding a horse';
 
-async function sdwb(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, ['--import', 'tsx', path.join(ROOT, 'src/cli/main.ts'), ...args], {
-      cwd: ROOT,
-      maxBuffer: 1 << 26,
-      env: { ...process.env, SDWB_BACKEND: 'wasm' },
-    });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: err.code ?? -1, stdout: err.stdout ?? '', stderr: err.stderr ?? '' };
-  }
-}
+const sdwb = (...args: string[]): Promise<CliResult> => runSdwb(args, { backend: 'wasm' });
 
 let dir: string;
 let exported: string;
