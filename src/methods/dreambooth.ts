@@ -40,7 +40,7 @@ import { z } from 'zod';
 import { ImageFolderDataset, listImageFiles } from '../data/image-folder.js';
 import { SeededRandom } from '../data/rng.js';
 import { writeFileAtomic } from '../io/atomic.js';
-import { hwioToOihw, nchwToNhwc } from '../io/layout.js';
+import { hwioToOihw } from '../io/layout.js';
 import { readDiffusersFolder, readSingleFile, writeDiffusersFolder, writeSingleFile, type ComponentTensors, type TensorRef } from '../io/single-file.js';
 import { clipTextEncoder } from '../models/clip/text-encoder.js';
 import { unet } from '../models/unet/unet.js';
@@ -55,7 +55,6 @@ import { TorchGenerator } from '../schedulers/rng.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkpointBlocks, type WrapBlock } from '../train/checkpointing.js';
 import { checkCommonFields, commonFields, dataField } from '../train/config.js';
-import type { TrainRandom } from '../train/rng-state.js';
 import {
   byModule,
   createAdapters,
@@ -71,6 +70,7 @@ import {
 } from './lora.js';
 import { checkLoraAgainstModel, loraModulesAsAdapters, readLoraFile, writeLoraFile, type LoraFileContent, type LoraModuleData } from './lora-files.js';
 import type { AppliedArtifact, Artifact, ModelPatch, ParamOverride, StepCtx, TrainingMethod } from './types.js';
+import { drawTrainingNoise, posteriorMoments } from './diffusion-batch.js';
 
 /** What a run trains. */
 export const DREAMBOOTH_ADAPTERS = ['full', 'lora'] as const;
@@ -313,10 +313,6 @@ export async function ensureClassImages(model: StableDiffusion, o: ClassImageOpt
   return { existing, generated: o.count - existing };
 }
 
-/** NCHW-drawn normals as an NHWC tensor (torch's values in torch's layout for a seed). */
-export function randnNhwc(random: TrainRandom, n: number, h: number, w: number, c: number): tf.Tensor {
-  return tf.tensor4d(nchwToNhwc(random.randn([n, c, h, w]), [n, c, h, w]).data, [n, h, w, c]);
-}
 
 /** `base` with every key of `vars` served by its variable. */
 function variableScope(base: Scope<tf.Tensor>, vars: ReadonlyMap<string, tf.Variable>): Scope<tf.Tensor> {
@@ -653,29 +649,15 @@ export const dreambooth: TrainingMethod<DreamBoothConfig, DreamBoothState, Dream
     const n = b + (classPixels === undefined ? 0 : b);
 
     // 2. Draws in diffusers' order: posterior samples, noise (+ offset), timesteps.
-    const posteriorEps = randnNhwc(ctx.random, n, h, w, c);
-    let noise = randnNhwc(ctx.random, n, h, w, c);
-    if (cfg.noise_offset > 0) {
-      // diffusers: noise += offset · randn(B, C, 1, 1), one shift per sample and channel.
-      const shift = tf.tensor4d(nchwToNhwc(ctx.random.randn([n, c, 1, 1]), [n, c, 1, 1]).data, [n, 1, 1, c]);
-      noise = tf.add(noise, tf.mul(shift, cfg.noise_offset));
-    }
-    const timesteps = ctx.random.randint(s.schedule.trainTimesteps, n);
+    const { posteriorEps, noise, timesteps } = drawTrainingNoise(ctx.random, n, [h, w, c], {
+      noiseOffset: cfg.noise_offset,
+      trainTimesteps: s.schedule.trainTimesteps,
+    });
 
     // 3. Latents of instance then class images.
-    const encode = (pixels: Float32Array, count: number) =>
-      vaeEncode(tfOps, model.vae.store.scope(), tf.tensor4d(pixels, [count, images.height, images.width, 3]), vae);
-    let mean: tf.Tensor;
-    let std: tf.Tensor;
-    if (images.latents !== undefined) {
-      mean = tf.tensor4d(images.latents.mean, [b, h, w, c]);
-      std = tf.tensor4d(images.latents.std, [b, h, w, c]);
-    } else {
-      if (images.pixels === undefined) throw new Error('dreambooth: an image batch without pixels or latents');
-      ({ mean, std } = encode(images.pixels, b));
-    }
+    let { mean, std } = posteriorMoments(model.vae.store.scope(), vae, images, 'dreambooth');
     if (classPixels !== undefined) {
-      const prior = encode(classPixels, b);
+      const prior = vaeEncode(tfOps, model.vae.store.scope(), tf.tensor4d(classPixels, [b, images.height, images.width, 3]), vae);
       mean = tf.concat([mean, prior.mean], 0);
       std = tf.concat([std, prior.std], 0);
     }

@@ -19,11 +19,10 @@ import { stat } from 'node:fs/promises';
 import * as tf from '@tensorflow/tfjs';
 import { z } from 'zod';
 
-import { nchwToNhwc } from '../io/layout.js';
 import { readDiffusersFolder, readSingleFile, writeDiffusersFolder, writeSingleFile, type ComponentTensors } from '../io/single-file.js';
 import { clipTextEncoder } from '../models/clip/text-encoder.js';
 import { unet } from '../models/unet/unet.js';
-import { scaleLatents, vaeEncode } from '../models/vae/vae.js';
+import { scaleLatents } from '../models/vae/vae.js';
 import type { Scope } from '../ops/scope.js';
 import { tfOps } from '../ops/tfjs-ops.js';
 import type { StableDiffusion } from '../pipeline/load.js';
@@ -31,9 +30,11 @@ import type { PredictionType } from '../schedulers/config.js';
 import { addNoise, trainingTarget } from '../schedulers/ddpm.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkCommonFields, commonFields, dataField } from '../train/config.js';
-import { copyAsVariables, minSnrWeight, randnNhwc, variableRefs } from './dreambooth.js';
+import { copyAsVariables, minSnrWeight, variableRefs } from './dreambooth.js';
 import { patchedScope } from './lora.js';
 import type { Artifact, ModelPatch, ParamOverride, StepCtx, TrainingMethod } from './types.js';
+import { drawTrainingNoise, posteriorMoments } from './diffusion-batch.js';
+import { samplePosterior } from '../models/vae/vae.js';
 
 const stem = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]*$/, 'expected a file-name-safe word (letters, digits, . _ -)');
 
@@ -143,28 +144,15 @@ export const finetune: TrainingMethod<FinetuneConfig, FinetuneState, FinetuneBat
     const { model, cfg } = s;
     const vae = model.vae.cfg;
     const b = images.count;
-    const [h, w, c] = [images.height / vae.downscale, images.width / vae.downscale, vae.latentChannels];
+    const latentShape = [images.height / vae.downscale, images.width / vae.downscale, vae.latentChannels] as const;
 
-    // 1. Draws in diffusers' order: posterior samples, noise (+ offset), timesteps.
-    const posteriorEps = randnNhwc(ctx.random, b, h, w, c);
-    let noise = randnNhwc(ctx.random, b, h, w, c);
-    if (cfg.noise_offset > 0) {
-      const shift = tf.tensor4d(nchwToNhwc(ctx.random.randn([b, c, 1, 1]), [b, c, 1, 1]).data, [b, 1, 1, c]);
-      noise = tf.add(noise, tf.mul(shift, cfg.noise_offset));
-    }
-    const timesteps = ctx.random.randint(s.schedule.trainTimesteps, b);
-
-    // 2. Latents: cached posteriors, or the frozen VAE's encoding; z = μ + σ·ε.
-    let mean: tf.Tensor;
-    let std: tf.Tensor;
-    if (images.latents !== undefined) {
-      mean = tf.tensor4d(images.latents.mean, [b, h, w, c]);
-      std = tf.tensor4d(images.latents.std, [b, h, w, c]);
-    } else {
-      if (images.pixels === undefined) throw new Error('finetune: an image batch without pixels or latents');
-      ({ mean, std } = vaeEncode(tfOps, model.vae.store.scope(), tf.tensor4d(images.pixels, [b, images.height, images.width, 3]), vae));
-    }
-    const x0 = scaleLatents(tfOps, tf.add(mean, tf.mul(std, posteriorEps)), vae);
+    // 1. Draws in diffusers' order, then latents: cached posteriors or the frozen VAE's encoding.
+    const { posteriorEps, noise, timesteps } = drawTrainingNoise(ctx.random, b, latentShape, {
+      noiseOffset: cfg.noise_offset,
+      trainTimesteps: s.schedule.trainTimesteps,
+    });
+    const posterior = posteriorMoments(model.vae.store.scope(), vae, images, 'finetune');
+    const x0 = scaleLatents(tfOps, samplePosterior(tfOps, posterior, posteriorEps), vae);
 
     // 3. Weights, then text: ids when the text encoder trains (encoded in the loss), else states now.
     const weights = timesteps.map((t) => (cfg.snr_gamma === null ? 1 : minSnrWeight(s.schedule, t, cfg.snr_gamma, s.prediction)) / b);

@@ -26,11 +26,10 @@ import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { z } from 'zod';
 
-import { nchwToNhwc } from '../io/layout.js';
 import { encodeText } from '../models/clip/text-encoder-tfjs.js';
 import type { UnetConfig } from '../models/unet/config.js';
 import { unet, type UnetHooks } from '../models/unet/unet.js';
-import { samplePosterior, scaleLatents, vaeEncode } from '../models/vae/vae.js';
+import { samplePosterior, scaleLatents } from '../models/vae/vae.js';
 import { elu, gelu, hardSigmoid, hardSwish, layerNorm, leakyRelu, linear, logSigmoid, mish, relu, relu6, selu, silu, softplus, softsign } from '../ops/nn.js';
 import type { Ops } from '../ops/ops.js';
 import { ManifestScope, type Scope } from '../ops/scope.js';
@@ -58,6 +57,7 @@ import {
   type ModuleStateDict,
 } from './hypernetwork-file.js';
 import type { AppliedArtifact, Artifact, ModelPatch, TrainingMethod } from './types.js';
+import { drawTrainingNoise, posteriorMoments } from './diffusion-batch.js';
 
 const LR_DESCRIPTION =
   "Peak learning rate. Default 5e-6: users of A1111's default 1e-5 report hypernetworks collapsing to noise after a few thousand steps, and guides recommend 5e-6 or lower (or a falling schedule).";
@@ -465,9 +465,6 @@ export function hypernetworkFileName(cfg: Pick<HypernetworkConfig, 'hypernetwork
 }
 
 /** NCHW-drawn normals as NHWC (a seed gives torch's values in torch's layout). */
-function randnNhwc(random: TrainRandom, n: number, h: number, w: number, c: number): tf.Tensor {
-  return tf.tensor4d(nchwToNhwc(random.randn([n, c, h, w]), [n, c, h, w]).data, [n, h, w, c]);
-}
 
 /** Options of {@link applyHypernetworkFile}. */
 export interface HypernetworkApplyOptions {
@@ -564,24 +561,15 @@ export const hypernetwork: TrainingMethod<HypernetworkConfig, HypernetworkState,
     if (images === undefined) throw new Error('hypernetwork training needs images (a data: section)');
     const { model } = s;
     const vae = model.vae.cfg;
-    const [n, h, w, c] = [images.count, images.height / vae.downscale, images.width / vae.downscale, vae.latentChannels];
-    // Draw order as textual inversion's: posterior sample, noise, offset, timesteps; then dropout.
-    const posteriorEps = randnNhwc(ctx.random, n, h, w, c);
-    let noise = randnNhwc(ctx.random, n, h, w, c);
-    if (s.cfg.noise_offset > 0) {
-      const shift = tf.tensor4d(nchwToNhwc(ctx.random.randn([n, c, 1, 1]), [n, c, 1, 1]).data, [n, 1, 1, c]);
-      noise = tf.add(noise, tf.mul(shift, s.cfg.noise_offset));
-    }
-    const timesteps = ctx.random.randint(s.schedule.trainTimesteps, n);
+    const latentShape = [images.height / vae.downscale, images.width / vae.downscale, vae.latentChannels] as const;
+    const { posteriorEps, noise, timesteps } = drawTrainingNoise(ctx.random, images.count, latentShape, {
+      noiseOffset: s.cfg.noise_offset,
+      trainTimesteps: s.schedule.trainTimesteps,
+    });
+    // Drawn after the diffusion draws, so those match textual inversion's stream.
     const dropoutSeed = ctx.random.randint(2 ** 31 - 1, 1)[0]!;
-    let z: tf.Tensor; // a posterior sample, [B,h,w,C]
-    if (images.latents !== undefined) {
-      z = tf.add(tf.tensor4d(images.latents.mean, [n, h, w, c]), tf.mul(tf.tensor4d(images.latents.std, [n, h, w, c]), posteriorEps));
-    } else {
-      if (images.pixels === undefined) throw new Error('hypernetwork: an image batch without pixels or latents');
-      z = samplePosterior(tfOps, vaeEncode(tfOps, model.vae.store.scope(), tf.tensor4d(images.pixels, [n, images.height, images.width, 3]), vae), posteriorEps);
-    }
-    const x0 = scaleLatents(tfOps, z, vae);
+    const posterior = posteriorMoments(model.vae.store.scope(), vae, images, 'hypernetwork');
+    const x0 = scaleLatents(tfOps, samplePosterior(tfOps, posterior, posteriorEps), vae);
     const ids = images.captions.map((caption) => model.tokenizer.encode(caption));
     return {
       context: encodeText(model.text.store, model.text.cfg, ids),

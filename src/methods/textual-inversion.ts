@@ -19,18 +19,16 @@ import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { z } from 'zod';
 
-import { nchwToNhwc } from '../io/layout.js';
 import { clipTextEncoder } from '../models/clip/text-encoder.js';
 import type { ClipTokenizer } from '../models/clip/tokenizer.js';
 import { unet } from '../models/unet/unet.js';
-import { samplePosterior, scaleLatents, vaeEncode } from '../models/vae/vae.js';
+import { samplePosterior, scaleLatents } from '../models/vae/vae.js';
 import { tfOps } from '../ops/tfjs-ops.js';
 import type { StableDiffusion } from '../pipeline/load.js';
 import type { PredictionType } from '../schedulers/config.js';
 import { addNoise, trainingTarget } from '../schedulers/ddpm.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkCommonFields, commonFields, dataField } from '../train/config.js';
-import type { TrainRandom } from '../train/rng-state.js';
 import {
   fileStem,
   loadEmbedding,
@@ -41,6 +39,7 @@ import {
   type Embedding,
 } from './embedding-files.js';
 import type { AppliedArtifact, Artifact, ModelPatch, StepCtx, TrainingMethod } from './types.js';
+import { drawTrainingNoise, posteriorMoments } from './diffusion-batch.js';
 
 /** The text encoder's token table, relative to its store. */
 export const TOKEN_TABLE_KEY = 'text_model.embeddings.token_embedding.weight';
@@ -214,9 +213,6 @@ function tokenTable(model: StableDiffusion): tf.Tensor {
 }
 
 /** NCHW-drawn normals as an NHWC tensor (so a seed gives torch's values in torch's layout). */
-function randnNhwc(random: TrainRandom, n: number, h: number, w: number, c: number): tf.Tensor {
-  return tf.tensor4d(nchwToNhwc(random.randn([n, c, h, w]), [n, c, h, w]).data, [n, h, w, c]);
-}
 
 /** Textual inversion as a training method. */
 export const textualInversion: TrainingMethod<TextualInversionConfig, TextualInversionState, TextualInversionBatch> = {
@@ -253,26 +249,14 @@ export const textualInversion: TrainingMethod<TextualInversionConfig, TextualInv
     }
     const { model } = s;
     const vae = model.vae.cfg;
-    const [n, h, w, c] = [images.count, images.height / vae.downscale, images.width / vae.downscale, vae.latentChannels];
-    // Draw order as diffusers: posterior sample, training noise, then timesteps.
-    const posteriorEps = randnNhwc(ctx.random, n, h, w, c);
-    let noise = randnNhwc(ctx.random, n, h, w, c);
-    if (s.cfg.noise_offset > 0) {
-      // diffusers: noise += offset · randn(B, C, 1, 1), one shift per sample and channel.
-      const shift = tf.tensor4d(nchwToNhwc(ctx.random.randn([n, c, 1, 1]), [n, c, 1, 1]).data, [n, 1, 1, c]);
-      noise = tf.add(noise, tf.mul(shift, s.cfg.noise_offset));
-    }
-    const timesteps = ctx.random.randint(s.schedule.trainTimesteps, n);
-    let z: tf.Tensor; // a posterior sample, [B,h,w,C]
-    if (images.latents !== undefined) {
-      // Cached posterior: z = μ + σ·ε, what samplePosterior computes from an encoding.
-      z = tf.add(tf.tensor4d(images.latents.mean, [n, h, w, c]), tf.mul(tf.tensor4d(images.latents.std, [n, h, w, c]), posteriorEps));
-    } else {
-      if (images.pixels === undefined) throw new Error('textual inversion: an image batch without pixels or latents');
-      const pixels = tf.tensor4d(images.pixels, [n, images.height, images.width, 3]);
-      z = samplePosterior(tfOps, vaeEncode(tfOps, model.vae.store.scope(), pixels, vae), posteriorEps);
-    }
-    const x0 = scaleLatents(tfOps, z, vae);
+    const n = images.count;
+    const latentShape = [images.height / vae.downscale, images.width / vae.downscale, vae.latentChannels] as const;
+    const { posteriorEps, noise, timesteps } = drawTrainingNoise(ctx.random, n, latentShape, {
+      noiseOffset: s.cfg.noise_offset,
+      trainTimesteps: s.schedule.trainTimesteps,
+    });
+    const posterior = posteriorMoments(model.vae.store.scope(), vae, images, 'textual inversion');
+    const x0 = scaleLatents(tfOps, samplePosterior(tfOps, posterior, posteriorEps), vae);
     const ids = images.captions.map((caption) => model.tokenizer.encode(caption));
     return {
       ids: tf.tensor2d(ids.flat(), [n, ids[0]!.length], 'int32'),

@@ -22,7 +22,8 @@ import { tfOps } from '../ops/tfjs-ops.js';
 import type { StableDiffusion } from '../pipeline/load.js';
 import { checkCommonFields, commonFields, dataField } from '../train/config.js';
 import { TrainRandom } from '../train/rng-state.js';
-import { copyAsVariables, randnNhwc, variableRefs } from './dreambooth.js';
+import { copyAsVariables, variableRefs } from './dreambooth.js';
+import { randnNhwc } from './diffusion-batch.js';
 import { patchedScope } from './lora.js';
 import type { Artifact, ModelPatch, StepCtx, TrainingMethod } from './types.js';
 

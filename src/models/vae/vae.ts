@@ -137,7 +137,7 @@ export function vaeEncode<T>(o: Ops<T>, p: Scope<T>, image: T, cfg: VaeConfig): 
 }
 
 /** z = mean + σ·ε, a sample of the posterior for caller-supplied ε ~ N(0, I) (unscaled latents). */
-export function samplePosterior<T>(o: Ops<T>, posterior: Posterior<T>, eps: T): T {
+export function samplePosterior<T>(o: Ops<T>, posterior: Pick<Posterior<T>, 'mean' | 'std'>, eps: T): T {
   return o.add(posterior.mean, o.mul(posterior.std, eps));
 }
 
