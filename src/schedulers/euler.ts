@@ -14,8 +14,7 @@ import {
   checkStepIndex,
   requireNoise,
   sigmaGrid,
-  sigmaInitNoise,
-  sigmaScaleInput,
+  sigmaSamplerBase,
   sigmaX0,
   type Sampler,
   type SamplerSetup,
@@ -36,12 +35,9 @@ export function eulerSampler<T>(setup: SamplerSetup, opts: EulerOptions): Sample
   const prediction = setup.config.predictionType;
   checkPrediction('euler', prediction, ['epsilon', 'v_prediction', 'sample']);
   return {
-    kind: 'euler',
-    timesteps: grid.timesteps,
-    initNoiseSigma: sigmaInitNoise(grid),
+    ...sigmaSamplerBase<T>('euler', grid),
     needsNoise: false,
     initialState: null,
-    scaleModelInput: (o, x, i) => sigmaScaleInput(o, x, sigmas[i]!),
     heldTensors: () => [],
     step(o: Ops<T>, state: EulerState, modelOutput: T, i: number, x: T) {
       checkStepIndex('euler', grid.timesteps, i);
@@ -61,12 +57,9 @@ export function eulerAncestralSampler<T>(setup: SamplerSetup): Sampler<T, EulerS
   const prediction = setup.config.predictionType;
   checkPrediction('euler_a', prediction, ['epsilon', 'v_prediction']);
   return {
-    kind: 'euler_a',
-    timesteps: grid.timesteps,
-    initNoiseSigma: sigmaInitNoise(grid),
+    ...sigmaSamplerBase<T>('euler_a', grid),
     needsNoise: true,
     initialState: null,
-    scaleModelInput: (o, x, i) => sigmaScaleInput(o, x, sigmas[i]!),
     heldTensors: () => [],
     step(o: Ops<T>, state: EulerState, modelOutput: T, i: number, x: T, noise?: T) {
       checkStepIndex('euler_a', grid.timesteps, i);

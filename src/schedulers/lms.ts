@@ -14,8 +14,7 @@ import {
   checkPrediction,
   checkStepIndex,
   sigmaGrid,
-  sigmaInitNoise,
-  sigmaScaleInput,
+  sigmaSamplerBase,
   sigmaX0,
   type Sampler,
   type SamplerSetup,
@@ -65,12 +64,9 @@ export function lmsSampler<T>(setup: SamplerSetup, opts: LmsOptions): Sampler<T,
   checkPrediction('lms', prediction, ['epsilon', 'v_prediction', 'sample']);
 
   return {
-    kind: 'lms',
-    timesteps: grid.timesteps,
-    initNoiseSigma: sigmaInitNoise(grid),
+    ...sigmaSamplerBase<T>('lms', grid),
     needsNoise: false,
     initialState: { derivatives: [] },
-    scaleModelInput: (o, x, i) => sigmaScaleInput(o, x, sigmas[i]!),
     heldTensors: (s) => s.derivatives,
     step(o: Ops<T>, state: LmsState<T>, modelOutput: T, i: number, x: T) {
       checkStepIndex('lms', grid.timesteps, i);

@@ -136,6 +136,16 @@ export function sigmaInitNoise(grid: SigmaGrid): number {
   return grid.spacing === 'leading' ? f32(Math.sqrt(f32(f32(max * max) + 1))) : max;
 }
 
+/** What every σ sampler (Euler, Euler a, LMS) shares: its grid, initial noise scale and input scaling. */
+export function sigmaSamplerBase<T>(kind: SamplerKind, grid: SigmaGrid): Pick<Sampler<T>, 'kind' | 'timesteps' | 'initNoiseSigma' | 'scaleModelInput'> {
+  return {
+    kind,
+    timesteps: grid.timesteps,
+    initNoiseSigma: sigmaInitNoise(grid),
+    scaleModelInput: (o, x, i) => sigmaScaleInput(o, x, grid.sigmas[i]!),
+  };
+}
+
 /** The model input x_σ/√(σ² + 1), i.e. the VP sample x_t the UNet was trained on. */
 export function sigmaScaleInput<T>(o: Ops<T>, x: T, sigma: number): T {
   return o.div(x, f32(Math.sqrt(f32(f32(sigma * sigma) + 1))));
