@@ -2,7 +2,8 @@
  * The draws and latents of a standard diffusion-loss micro-batch, shared by every method that
  * trains on images (textual inversion, hypernetworks, DreamBooth, fine-tuning). The draw order is
  * diffusers' — posterior samples, training noise (+ offset), timesteps — so runs match its
- * scripts' randomness and resume reproduces every step exactly.
+ * scripts' randomness and resume reproduces every step exactly. Also the per-sample weighted loss
+ * DreamBooth and fine-tuning share.
  */
 import * as tf from '@tensorflow/tfjs';
 import { nchwToNhwc } from '../io/layout.js';
@@ -10,6 +11,9 @@ import type { VaeConfig } from '../models/vae/config.js';
 import { vaeEncode } from '../models/vae/vae.js';
 import { tfOps } from '../ops/tfjs-ops.js';
 import type { Scope } from '../ops/scope.js';
+import type { PredictionType } from '../schedulers/config.js';
+import { alphaBarAt, signalNoiseScales } from '../schedulers/ddpm.js';
+import type { NoiseSchedule } from '../schedulers/tables.js';
 import type { TrainRandom } from '../train/rng-state.js';
 import type { ImageBatch } from './types.js';
 
@@ -58,4 +62,34 @@ export function posteriorMoments(vae: Scope<tf.Tensor>, cfg: VaeConfig, images: 
   if (images.pixels === undefined) throw new Error(`${what}: an image batch without pixels or latents`);
   const { mean, std } = vaeEncode(tfOps, vae, tf.tensor4d(images.pixels, [n, images.height, images.width, 3]), cfg);
   return { mean, std };
+}
+
+/** A prepared micro-batch of a per-sample weighted diffusion loss (DreamBooth, fine-tuning). */
+export interface WeightedDiffusionBatch {
+  /** x_t, NHWC [N, h, w, C]. */
+  readonly noisy: tf.Tensor;
+  /** float32 [N]. */
+  readonly timesteps: tf.Tensor;
+  /** ε or v, like `noisy`. */
+  readonly target: tf.Tensor;
+  /** Per-sample loss weights [N]: loss = Σ weights·mse (e.g. min-SNR-γ weight / B). */
+  readonly weights: tf.Tensor;
+  /** Text states [N, S, D] (frozen text encoder), or int32 ids [N, S] when the text encoder trains. */
+  readonly text: tf.Tensor;
+  readonly [key: string]: tf.Tensor;
+}
+
+/** Σ_i weights_i · mean((pred_i − target_i)²). */
+export function weightedMse(pred: tf.Tensor, batch: Pick<WeightedDiffusionBatch, 'target' | 'weights'>): tf.Scalar {
+  const mse = tf.mean(tf.square(tf.sub(pred, batch.target)), [1, 2, 3]); // [N]
+  return tf.sum(tf.mul(mse, batch.weights));
+}
+
+/** The min-SNR-γ loss weight of timestep t, as diffusers computes it (float32). */
+export function minSnrWeight(schedule: NoiseSchedule, t: number, gamma: number, prediction: PredictionType): number {
+  const { signal, noise } = signalNoiseScales(alphaBarAt(schedule, t));
+  const ratio = Math.fround(signal / noise);
+  const snr = Math.fround(ratio * ratio);
+  const base = Math.fround(Math.min(snr, Math.fround(gamma)) / snr);
+  return prediction === 'v_prediction' ? Math.fround(base + 1) : base;
 }

@@ -50,7 +50,7 @@ import { tfOps } from '../ops/tfjs-ops.js';
 import type { StableDiffusion } from '../pipeline/load.js';
 import { generate } from '../pipeline/txt2img.js';
 import type { PredictionType } from '../schedulers/config.js';
-import { addNoise, alphaBarAt, signalNoiseScales, trainingTarget } from '../schedulers/ddpm.js';
+import { addNoise, trainingTarget } from '../schedulers/ddpm.js';
 import { TorchGenerator } from '../schedulers/rng.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkpointBlocks, type WrapBlock } from '../train/checkpointing.js';
@@ -70,7 +70,9 @@ import {
 } from './lora.js';
 import { checkLoraAgainstModel, loraModulesAsAdapters, readLoraFile, writeLoraFile, type LoraFileContent, type LoraModuleData } from './lora-files.js';
 import type { AppliedArtifact, Artifact, ModelPatch, ParamOverride, StepCtx, TrainingMethod } from './types.js';
-import { drawTrainingNoise, posteriorMoments } from './diffusion-batch.js';
+import { drawTrainingNoise, minSnrWeight, posteriorMoments, weightedMse, type WeightedDiffusionBatch } from './diffusion-batch.js';
+
+export { minSnrWeight } from './diffusion-batch.js';
 
 /** What a run trains. */
 export const DREAMBOOTH_ADAPTERS = ['full', 'lora'] as const;
@@ -228,29 +230,9 @@ export interface DreamBoothState {
   patchTensors: tf.Tensor[];
 }
 
-/** A prepared micro-batch: instance samples first, then class samples. */
-export interface DreamBoothBatch {
-  /** x_t, NHWC [N, h, w, C]. */
-  readonly noisy: tf.Tensor;
-  /** float32 [N]. */
-  readonly timesteps: tf.Tensor;
-  /** ε or v, like `noisy`. */
-  readonly target: tf.Tensor;
-  /** Per-sample loss weights [N] (instance w_i/B, class prior_loss_weight/B): loss = Σ weights·mse. */
-  readonly weights: tf.Tensor;
-  /** Text states [N, S, D] (frozen text encoder), or int32 ids [N, S] when the text encoder trains. */
-  readonly text: tf.Tensor;
-  readonly [key: string]: tf.Tensor;
-}
+/** A prepared micro-batch: instance samples first, then class samples (class weights prior_loss_weight/B). */
+export type DreamBoothBatch = WeightedDiffusionBatch;
 
-/** The min-SNR-γ loss weight of timestep t, as diffusers computes it (float32). */
-export function minSnrWeight(schedule: NoiseSchedule, t: number, gamma: number, prediction: PredictionType): number {
-  const { signal, noise } = signalNoiseScales(alphaBarAt(schedule, t));
-  const ratio = Math.fround(signal / noise);
-  const snr = Math.fround(ratio * ratio);
-  const base = Math.fround(Math.min(snr, Math.fround(gamma)) / snr);
-  return prediction === 'v_prediction' ? Math.fround(base + 1) : base;
-}
 
 /** The folder class images go to. */
 export function classImageDir(cfg: Pick<DreamBoothConfig, 'class_data_dir' | 'output_dir'>): string {
@@ -689,8 +671,7 @@ export const dreambooth: TrainingMethod<DreamBoothConfig, DreamBoothState, Dream
     const context = textTrains(s) ? clipTextEncoder(tfOps, textScope(s), batch.text, s.model.text.cfg).lastHiddenState : batch.text;
     const opts = s.wrapBlock === undefined ? {} : { wrapBlock: s.wrapBlock };
     const pred = unet(tfOps, unetScope(s), batch.noisy, batch.timesteps, context, s.model.unet.cfg, {}, opts);
-    const mse = tf.mean(tf.square(tf.sub(pred, batch.target)), [1, 2, 3]); // [N]
-    return tf.sum(tf.mul(mse, batch.weights)) as tf.Scalar;
+    return weightedMse(pred, batch);
   },
 
   async artifacts(s, step) {

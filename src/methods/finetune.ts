@@ -30,10 +30,10 @@ import type { PredictionType } from '../schedulers/config.js';
 import { addNoise, trainingTarget } from '../schedulers/ddpm.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkCommonFields, commonFields, dataField } from '../train/config.js';
-import { copyAsVariables, minSnrWeight, variableRefs } from './dreambooth.js';
+import { copyAsVariables, variableRefs } from './dreambooth.js';
 import { patchedScope } from './lora.js';
 import type { Artifact, ModelPatch, ParamOverride, StepCtx, TrainingMethod } from './types.js';
-import { drawTrainingNoise, posteriorMoments } from './diffusion-batch.js';
+import { drawTrainingNoise, minSnrWeight, posteriorMoments, weightedMse, type WeightedDiffusionBatch } from './diffusion-batch.js';
 import { samplePosterior } from '../models/vae/vae.js';
 
 const stem = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]*$/, 'expected a file-name-safe word (letters, digits, . _ -)');
@@ -84,19 +84,7 @@ export interface FinetuneState {
 }
 
 /** A prepared micro-batch. */
-export interface FinetuneBatch {
-  /** x_t, NHWC [B, h, w, C]. */
-  readonly noisy: tf.Tensor;
-  /** float32 [B]. */
-  readonly timesteps: tf.Tensor;
-  /** ε or v, like `noisy`. */
-  readonly target: tf.Tensor;
-  /** Per-sample weights w_i/B: loss = Σ weights · mse. */
-  readonly weights: tf.Tensor;
-  /** Token ids [B, S] (text encoder trains) or text states [B, S, D] (frozen). */
-  readonly text: tf.Tensor;
-  readonly [key: string]: tf.Tensor;
-}
+export type FinetuneBatch = WeightedDiffusionBatch;
 
 function unetScope(s: FinetuneState): Scope<tf.Tensor> {
   return patchedScope(s.model.unet.store.scope(), (key) => s.unet.get(key));
@@ -172,8 +160,7 @@ export const finetune: TrainingMethod<FinetuneConfig, FinetuneState, FinetuneBat
   loss(_ctx: StepCtx, s, batch) {
     const context = s.text.size > 0 ? clipTextEncoder(tfOps, textScope(s), batch.text, s.model.text.cfg).lastHiddenState : batch.text;
     const pred = unet(tfOps, unetScope(s), batch.noisy, batch.timesteps, context, s.model.unet.cfg);
-    const mse = tf.mean(tf.square(tf.sub(pred, batch.target)), [1, 2, 3]); // [B]
-    return tf.sum(tf.mul(mse, batch.weights)) as tf.Scalar;
+    return weightedMse(pred, batch);
   },
 
   async artifacts(s) {
