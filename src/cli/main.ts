@@ -3,6 +3,7 @@
 import { Command } from 'commander';
 import { createRequire } from 'node:module';
 import { registerConvert } from './convert.js';
+import { registerDemo } from './demo.js';
 import { registerEval } from './eval.js';
 import { registerExport } from './export.js';
 import { registerGenerate } from './generate.js';
@@ -35,5 +36,6 @@ registerConvert(program);
 registerTrain(program);
 registerEval(program);
 registerExport(program);
+registerDemo(program);
 
 await program.parseAsync(process.argv);

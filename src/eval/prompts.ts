@@ -10,12 +10,12 @@
  * values past 2⁵³ stay bigints.
  */
 import { createHash } from 'node:crypto';
-import { access, readFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import type { Seed } from '../pipeline/txt2img.js';
 import { CsvError, decodeCsvBytes, parseCsv, type CsvTable } from './csv.js';
+import { assetPath } from '../assets.js';
 
 /** Column names of a prompt CSV; `null` turns an optional column off. */
 export interface PromptColumns {
@@ -139,18 +139,8 @@ export function splitCategories(text: string): string[] {
 }
 
 /** Finds `assets/prompts` of the installed package (works from `src/` under tsx and from `dist/`). */
-export async function promptAssetsDir(): Promise<string> {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    try {
-      await access(path.join(dir, 'package.json'));
-      return path.join(dir, 'assets', 'prompts');
-    } catch {
-      const parent = path.dirname(dir);
-      if (parent === dir) throw new Error(`no package.json above ${fileURLToPath(import.meta.url)} (cannot find assets/prompts)`);
-      dir = parent;
-    }
-  }
+export function promptAssetsDir(): Promise<string> {
+  return assetPath('prompts');
 }
 
 /** Reads and maps a prompt source (a set name or a CSV), applying the category filter. */

@@ -25,6 +25,7 @@
  * trainable subset overridden by variables (tfjs tensors are immutable, so the loaded tensors
  * stay the original values while the variables move). Extra memory: the trainable subset once.
  */
+import { createHash } from 'node:crypto';
 import { stat } from 'node:fs/promises';
 import path from 'node:path';
 
@@ -345,9 +346,16 @@ function randnNhwc(random: TrainRandom, h: number, w: number, c: number): tf.Ten
   return tf.tensor4d(nchwToNhwc(random.randn([1, c, h, w]), [1, c, h, w]).data, [1, h, w, c]);
 }
 
-/** File stem of the outputs, as esd_sd.py names them: `esd-<concept>-from-<from>-<set>`. */
+/**
+ * File stem of the outputs, as esd_sd.py names them: `esd-<concept>-from-<from>-<set>`. A long
+ * concept (a list of prompts) keeps its first 40 characters plus a hash of the whole, so the
+ * name stays within file-system limits and still differs between concepts.
+ */
 export function esdFileStem(cfg: Pick<EsdConfig, 'concept' | 'erase_from' | 'parameters'>): string {
-  const slug = (text: string) => text.replace(/\s+/g, '_').replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[.-]+/, '') || 'concept';
+  const slug = (text: string) => {
+    const s = text.replace(/\s+/g, '_').replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[.-]+/, '') || 'concept';
+    return s.length <= 48 ? s : `${s.slice(0, 40)}~${createHash('sha256').update(text).digest('hex').slice(0, 7)}`;
+  };
   return `esd-${slug(cfg.concept)}-from-${slug(cfg.erase_from ?? cfg.concept)}-${cfg.parameters.replace(/-/g, '')}`;
 }
 
@@ -440,7 +448,7 @@ export const esd: TrainingMethod<EsdConfig, EsdState, EsdBatch> = {
     const fromContext = cfg.erase_from === null ? undefined : encodePrompt(model, cfg.erase_from);
     const count = keys.reduce((a, k) => a + base.get(k)!.size, 0);
     ctx.log(
-      `esd (${preset}, ${cfg.parameters}): erasing ${words.map((w) => JSON.stringify(w)).join(', ')}${cfg.erase_from === null ? '' : ` from "${cfg.erase_from}"`}; ${keys.length} tensors, ${count} trainable values; η ${cfg.negative_guidance}, start guidance ${cfg.start_guidance}, ${cfg.ddim_steps} sampler steps at ${size}×${size}`,
+      `esd (${preset}, ${cfg.parameters}): erasing ${words.length <= 3 ? words.map((w) => JSON.stringify(w)).join(', ') : `${words.length} prompts (${words.slice(0, 2).map((w) => JSON.stringify(w)).join(', ')}, …)`}${cfg.erase_from === null ? '' : ` from "${cfg.erase_from}"`}; ${keys.length} tensors, ${count} trainable values; η ${cfg.negative_guidance}, start guidance ${cfg.start_guidance}, ${cfg.ddim_steps} sampler steps at ${size}×${size}`,
     );
     return {
       cfg,

@@ -51,8 +51,19 @@ export const vaeTrainConfigSchema = z
       .default(['diffusers'])
       .describe('diffusers (folder <output_name>/, the base model with this VAE) and/or single_file. Default [diffusers].'),
     output_name: stem.default('model').describe('Name of the saved model folder / file. Default model.'),
+    train_part: z
+      .enum(['all', 'decoder'])
+      .default('all')
+      .describe(
+        "all: encoder and decoder; decoder: the decoder and post_quant_conv only (as SD's ft-MSE VAE), so the latent space a diffusion model was trained on stays exactly as it was (scaling_factor kept). Default all.",
+      ),
   })
   .superRefine((c, ctx) => checkCommonFields(c, ctx));
+
+/** Whether a VAE parameter trains under `train_part`. */
+export function vaeParamTrains(key: string, part: 'all' | 'decoder'): boolean {
+  return part === 'all' || key.startsWith('decoder.') || key.startsWith('post_quant_conv.');
+}
 
 export type VaeTrainConfig = z.infer<typeof vaeTrainConfigSchema>;
 
@@ -134,7 +145,7 @@ async function trainedComponents(s: VaeTrainState): Promise<ComponentTensors> {
   const base = (await stat(source)).isDirectory() ? await readDiffusersFolder(source) : await readSingleFile(source);
   const size = s.model.vae.cfg.sampleSize;
   const [height, width] = s.recent.length > 0 ? imageSide(s.recent[0]!) : [size, size];
-  const scaling = s.recent.length > 0 ? await measureScalingFactor(vaeScope(s), s.model.vae.cfg, s.recent, height, width, s.cfg.seed) : s.model.vae.cfg.scalingFactor;
+  const scaling = s.cfg.train_part === 'decoder' ? s.model.vae.cfg.scalingFactor : s.recent.length > 0 ? await measureScalingFactor(vaeScope(s), s.model.vae.cfg, s.recent, height, width, s.cfg.seed) : s.model.vae.cfg.scalingFactor;
   return {
     ...base,
     components: { ...base.components, vae: await variableRefs(s.vae) },
@@ -159,12 +170,14 @@ export const vaeTrain: TrainingMethod<VaeTrainConfig, VaeTrainState, VaeBatch> =
   async setup(ctx, cfg) {
     const model = await ctx.model();
     const vae = copyAsVariables(model.vae.store);
-    ctx.log(`vae: ${[...vae.values()].reduce((a, v) => a + v.size, 0)} VAE values train (factor ${model.vae.cfg.downscale}, ${model.vae.cfg.latentChannels} latent channels)`);
+    const trained = [...vae].filter(([k]) => vaeParamTrains(k, cfg.train_part));
+    if (trained.length === 0) throw new Error(`vae: no VAE parameter matches train_part ${cfg.train_part}`);
+    ctx.log(`vae: ${trained.reduce((a, [, v]) => a + v.size, 0)} VAE values train (${cfg.train_part === 'all' ? 'encoder and decoder' : 'decoder only'}, factor ${model.vae.cfg.downscale}, ${model.vae.cfg.latentChannels} latent channels)`);
     return { cfg, model, vae, recent: [] };
   },
 
   trainable(s) {
-    return Object.fromEntries([...s.vae].map(([k, v]) => [`vae.${k}`, v]));
+    return Object.fromEntries([...s.vae].filter(([k]) => vaeParamTrains(k, s.cfg.train_part)).map(([k, v]) => [`vae.${k}`, v]));
   },
 
   async prepare(ctx, s, raw) {

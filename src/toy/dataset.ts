@@ -43,6 +43,10 @@ export interface ToyDatasetOptions {
   readonly split: Split;
   readonly size: number;
   readonly count: number;
+  /** Rewrites each drawn scene (e.g. fixes its attributes to one specific object). */
+  readonly scene?: (scene: Scene) => Scene;
+  /** The caption of a scene (default: the world's full caption). */
+  readonly caption?: (scene: Scene) => string;
   /** Called every 1,000 images with the number written so far. */
   readonly onProgress?: (written: number) => void;
 }
@@ -54,7 +58,9 @@ export async function writeToyDataset(o: ToyDatasetOptions): Promise<void> {
   const chunk = 256;
   for (let from = 0; from < o.count; from += chunk) {
     const samples = toySamples({ seed: o.seed, split: o.split, size: o.size, from, count: Math.min(chunk, o.count - from) });
-    for (const s of samples) {
+    for (const drawn of samples) {
+      const scene = o.scene === undefined ? drawn.scene : o.scene(drawn.scene);
+      const s = { index: drawn.index, image: scene === drawn.scene ? drawn.image : renderScene(scene), caption: o.caption === undefined ? captionOf(scene) : o.caption(scene) };
       const stem = path.join(o.dir, `${o.split}-${String(s.index).padStart(digits, '0')}`);
       await writeFile(`${stem}.png`, await encodePng(s.image));
       await writeFile(`${stem}.txt`, `${s.caption}\n`);

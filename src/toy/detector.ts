@@ -6,12 +6,18 @@
  */
 import * as tf from '@tensorflow/tfjs';
 
+import { assetPath } from '../assets.js';
 import { conceptClassifiers, registerConceptClassifier, type ConceptClassifier, type ConceptClassifierFactory } from '../eval/detectors/concept.js';
 import type { Image8 } from '../models/vae/vae.js';
 import { classifyBatch, HEAD_NAMES, HEADS, loadClassifier, type Head } from './classifier.js';
 
-/** Where `scripts/toy-classifier.ts` saves the classifier by default. */
+/** Where `scripts/toy-classifier.ts` saves the classifier by default (relative to the package root). */
 export const DEFAULT_CLASSIFIER_FILE = 'assets/toy-sd/classifier.safetensors';
+
+/** The bundled classifier of the installed package. */
+export function bundledClassifierFile(): Promise<string> {
+  return assetPath('toy-sd', 'classifier.safetensors');
+}
 
 /** The concept name of a head's label. */
 export function conceptName(head: Head, label: string): string {
@@ -26,7 +32,7 @@ export const toyConceptClassifier: ConceptClassifierFactory = {
   id: 'toy',
   description: 'the toy-world CNN (shape, colour, style, background heads); options.model: its safetensors file',
   async create(options): Promise<ConceptClassifier> {
-    const file = typeof options['model'] === 'string' ? options['model'] : DEFAULT_CLASSIFIER_FILE;
+    const file = typeof options['model'] === 'string' ? options['model'] : await bundledClassifierFile();
     const w = await loadClassifier(file);
     return {
       concepts: TOY_CONCEPTS,

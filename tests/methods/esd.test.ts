@@ -20,6 +20,7 @@ import {
   esdBatchAt,
   esdConceptWords,
   esdConfigSchema,
+  esdFileStem,
   frozenPredictions,
   sampleXt2024,
   trainedPrediction,
@@ -98,6 +99,15 @@ function l2(a: tf.Tensor, b: tf.Tensor): number {
 }
 
 describe('configs', () => {
+  it('file stems: esd_sd.py names for short concepts; a long prompt list is cut and hashed (file-name limits)', () => {
+    expect(esdFileStem({ concept: 'Van Gogh', erase_from: null, parameters: 'esd-x' })).toBe('esd-Van_Gogh-from-Van_Gogh-esdx');
+    const long = Array.from({ length: 30 }, (_, i) => `a red striped circle number ${i}`).join('|');
+    const stem = esdFileStem({ concept: long, erase_from: null, parameters: 'esd-x' });
+    expect(Buffer.byteLength(`${stem}.safetensors`)).toBeLessThan(160);
+    expect(stem).toMatch(/^esd-a_red_striped_circle_number_0.*~[0-9a-f]{7}-from-/);
+    expect(esdFileStem({ concept: `${long}|x`, erase_from: null, parameters: 'esd-x' })).not.toBe(stem);
+  });
+
   it('parses configs/esd-nudity.yaml (ESD-u, 2023) and configs/esd-artist.yaml (ESD-x, 2024)', async () => {
     const schema = trainingConfigSchema();
     const nudity = parseTrainingConfig(await readConfigFile(path.join(CONFIGS, 'esd-nudity.yaml')), schema, 'esd-nudity.yaml');

@@ -64,4 +64,29 @@ describe('vae', () => {
       disposeStableDiffusion(model);
     }
   }, 180_000);
+
+  it('train_part decoder: only decoder and post_quant_conv weights change; the encoder and scaling_factor stay bit-identical', async () => {
+    const out = await mkdtemp(path.join(os.tmpdir(), 'sdwb-vae-dec-'));
+    const sets = ['method=vae', `model=${TINY_SD}`, `output_dir=${out}`, `data.dir=${dataDir}`, 'data.resolution=32', 'backend=wasm', 'batch_size=4', 'steps=8', 'fixed_noise=true', 'learning_rate=5e-4', 'train_part=decoder'];
+    const { config } = await loadTrainingConfig(undefined, sets, trainingConfigSchema());
+    const result = await train(config, { progress: false, log: () => {} });
+    const losses = result.steps.map((s) => s.loss);
+    expect(losses[losses.length - 1]!).toBeLessThan(losses[0]!);
+    const base = await loadStableDiffusion(TINY_SD);
+    const saved = await loadStableDiffusion(path.join(out, 'model'));
+    try {
+      expect(saved.vae.cfg.scalingFactor).toBe(base.vae.cfg.scalingFactor);
+      let changed = 0;
+      for (const key of base.vae.store.keys()) {
+        const same = Buffer.from(base.vae.store.get(key)!.dataSync().buffer).equals(Buffer.from(saved.vae.store.get(key)!.dataSync().buffer));
+        const trains = key.startsWith('decoder.') || key.startsWith('post_quant_conv.');
+        if (!trains) expect(same, key).toBe(true);
+        else if (!same) changed++;
+      }
+      expect(changed).toBeGreaterThan(10);
+    } finally {
+      disposeStableDiffusion(base);
+      disposeStableDiffusion(saved);
+    }
+  }, 180_000);
 });

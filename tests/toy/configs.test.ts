@@ -13,8 +13,10 @@ const DIR = path.resolve(import.meta.dirname, '../../configs/toy');
 describe('configs/toy', () => {
   it('run configs parse and name the toy methods; the model spec gives an 8×8-latent UNet', async () => {
     const files = (await readdir(DIR)).filter((f) => f.endsWith('.yaml'));
-    expect(files.sort()).toEqual(['finetune.yaml', 'model.yaml', 'vae.yaml']);
+    expect(files.sort()).toEqual(['finetune.yaml', 'model.yaml', 'vae-decoder.yaml', 'vae.yaml']);
     expect((await loadTrainingConfig(path.join(DIR, 'vae.yaml'), [], trainingConfigSchema())).config.method).toBe('vae');
+    const decoder = (await loadTrainingConfig(path.join(DIR, 'vae-decoder.yaml'), [], trainingConfigSchema())).config;
+    expect(decoder.method === 'vae' && decoder.train_part).toBe('decoder');
     const ft = (await loadTrainingConfig(path.join(DIR, 'finetune.yaml'), [], trainingConfigSchema())).config;
     expect(ft.method).toBe('finetune');
     const spec = await readToyModelSpec(path.join(DIR, 'model.yaml'));

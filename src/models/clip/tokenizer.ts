@@ -6,9 +6,9 @@
  */
 import { access, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { gunzipSync } from 'node:zlib';
 import { z } from 'zod';
+import { assetPath } from '../../assets.js';
 import {
   BytePairEncoder,
   byteAlphabet,
@@ -640,24 +640,9 @@ function errorMessage(err: unknown): string {
 // ---------------------------------------------------------------------------------------------
 // Bundled vocabulary
 
-/** The package root: the nearest folder above this module holding package.json (src/ or dist/). */
-async function packageRoot(): Promise<string> {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    try {
-      await access(path.join(dir, 'package.json'));
-      return dir;
-    } catch {
-      const parent = path.dirname(dir);
-      if (parent === dir) throw new Error(`no package.json above ${fileURLToPath(import.meta.url)}`);
-      dir = parent;
-    }
-  }
-}
-
 /** Folder of the bundled CLIP vocabulary (`assets/clip-tokenizer`). */
 export async function defaultTokenizerDir(): Promise<string> {
-  return path.join(await packageRoot(), 'assets', 'clip-tokenizer');
+  return assetPath('clip-tokenizer');
 }
 
 /**

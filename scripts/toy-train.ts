@@ -1,0 +1,282 @@
+/**
+ * Trains the toy model from scratch with the workbench's own trainer, in one command:
+ *   npm run toy:train [-- --work tmp/toy --out assets/toy-sd]
+ * Stages (each skipped when its output exists; an interrupted training stage resumes from its
+ * last checkpoint): procedural data → from-scratch init → VAE (`configs/toy/vae.yaml`) → UNet +
+ * text encoder (`configs/toy/finetune.yaml`), with the VAE decoder fine-tuned beside it on the
+ * second core (`configs/toy/vae-decoder.yaml`, a child process) → classifier measurements (VAE reconstructions,
+ * accuracy of every finetune checkpoint, CFG scale choice, final base accuracy) → the diffusers
+ * folder `assets/toy-sd/` with `toy.json` (sampling defaults) and `summary.json`.
+ * Budget and reasoning: docs/toy-plan.md; results: docs/results.md.
+ */
+import { spawn } from 'node:child_process';
+import { cp, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+
+import * as tf from '@tensorflow/tfjs';
+
+import { initBackend } from '../src/backend.js';
+import { writeFileAtomic } from '../src/io/atomic.js';
+import { imageToTensor, tensorToImage, vaeDecode, vaeEncode } from '../src/models/vae/vae.js';
+import { tfOps } from '../src/ops/tfjs-ops.js';
+import { disposeStableDiffusion, loadStableDiffusion } from '../src/pipeline/load.js';
+import { trainingConfigSchema } from '../src/methods/registry.js';
+import { loadTrainingConfig } from '../src/train/config.js';
+import { train } from '../src/train/loop.js';
+import { classifyBatch, HEAD_NAMES, HEADS, loadClassifier, type Head } from '../src/toy/classifier.js';
+import { writeToyDataset, toySamples } from '../src/toy/dataset.js';
+import { DEFAULT_CLASSIFIER_FILE } from '../src/toy/detector.js';
+import { groupRows, headHit, parseTargetLabel, runToyEval, scenePrompts, TOY_DETECTOR, type ToyPrompt } from '../src/toy/eval.js';
+import { readToyModelSpec, writeScratchModel } from '../src/toy/model.js';
+import { HELD_OUT, SHAPES, STYLES, COLOUR_NAMES, type Shape } from '../src/toy/world.js';
+
+const { values } = parseArgs({
+  options: {
+    work: { type: 'string', default: 'tmp/toy' },
+    out: { type: 'string', default: 'assets/toy-sd' },
+    spec: { type: 'string', default: 'configs/toy/model.yaml' },
+    'vae-config': { type: 'string', default: 'configs/toy/vae.yaml' },
+    'finetune-config': { type: 'string', default: 'configs/toy/finetune.yaml' },
+    'decoder-config': { type: 'string', default: 'configs/toy/vae-decoder.yaml' },
+    count: { type: 'string', default: '20000' },
+    'per-shape': { type: 'string', default: '12' },
+    images: { type: 'string', default: '5' },
+    guidances: { type: 'string', default: '2,3,4,5,7.5' },
+    'skip-curve': { type: 'boolean', default: false },
+    // Measures the finetune checkpoints written so far (while another process trains) and exits.
+    'measure-checkpoints': { type: 'boolean', default: false },
+  },
+});
+const work = values.work;
+const started = Date.now();
+const log = (m: string) => process.stderr.write(`[toy:train ${((Date.now() - started) / 60_000).toFixed(1)} min] ${m}\n`);
+const exists = (p: string) => stat(p).then(() => true, () => false);
+const PRETRAIN_SHAPES = SHAPES.filter((s) => s !== HELD_OUT.shape) as Shape[];
+const PRETRAIN_STYLES = STYLES.filter((s) => s !== HELD_OUT.style);
+const SAMPLE_STEPS = 25;
+
+await initBackend({ backend: 'wasm', log });
+
+// 1. Data and the from-scratch folder.
+const dataDir = path.join(work, 'data');
+const count = Number(values.count);
+if (!(await exists(path.join(dataDir, 'dataset.json')))) {
+  log(`data: ${count} pretraining scenes → ${dataDir}`);
+  await writeToyDataset({ dir: dataDir, seed: 0, split: 'pretrain', size: 32, count });
+}
+const dataAllDir = path.join(work, 'data-all');
+if (!(await exists(path.join(dataAllDir, 'dataset.json')))) {
+  log(`data: ${count} scenes of every concept (VAE decoder) → ${dataAllDir}`);
+  await writeToyDataset({ dir: dataAllDir, seed: 1, split: 'all', size: 32, count });
+}
+const scratch = path.join(work, 'scratch');
+if (!(await exists(path.join(scratch, 'model_index.json')))) {
+  log(`init: ${values.spec} → ${scratch}`);
+  await writeScratchModel(scratch, await readToyModelSpec(values.spec), 0, { overwrite: true });
+}
+
+// 2. The two training stages (resumable).
+async function stage(configFile: string, overrides: readonly string[]): Promise<{ dir: string; model: string; steps: number; seconds: number }> {
+  const { config } = await loadTrainingConfig(configFile, overrides, trainingConfigSchema());
+  const dir = path.resolve(config.output_dir);
+  const model = path.join(dir, 'model');
+  const t0 = Date.now();
+  if (!(await exists(path.join(model, 'model_index.json')))) {
+    const hasCheckpoint = (await exists(dir)) && (await readdir(dir)).some((f) => f.startsWith('checkpoint-'));
+    log(`${config.method}: ${config.steps} steps → ${dir}${hasCheckpoint ? ' (resuming)' : ''}`);
+    const result = await train(config, hasCheckpoint ? { resume: 'latest' } : {});
+    if (result.interrupted) throw new Error(`${config.method} interrupted at step ${result.step}: run npm run toy:train again to resume`);
+  }
+  return { dir, model, steps: config.steps, seconds: (Date.now() - t0) / 1000 };
+}
+const measureOnly = values['measure-checkpoints'];
+const decoderDir = path.join(work, 'vae-decoder');
+let vae: { model: string; steps: number };
+let fine: { dir: string; model: string; steps: number };
+if (measureOnly) {
+  vae = { model: path.join(work, 'vae', 'model'), steps: 0 };
+  fine = { dir: path.join(work, 'finetune'), model: path.join(work, 'finetune', 'model'), steps: 0 };
+  for (const m of [vae.model, path.join(decoderDir, 'model')]) if (!(await exists(path.join(m, 'model_index.json')))) throw new Error(`--measure-checkpoints: ${m} is not there yet`);
+} else {
+  vae = await stage(values['vae-config'], [`model=${scratch}`, `output_dir=${path.join(work, 'vae')}`, `data.dir=${dataDir}`]);
+  // The decoder stage only needs the VAE: it runs in a child process (wasm uses one core) while
+  // the UNet trains here.
+  const decoderSets = [`model=${vae.model}`, `output_dir=${decoderDir}`, `data.dir=${dataAllDir}`];
+  const decoderDone = exists(path.join(decoderDir, 'model', 'model_index.json')).then((done) => (done ? 0 : runChildStage(values['decoder-config'], decoderSets, path.join(work, 'vae-decoder.log'))));
+  fine = await stage(values['finetune-config'], [`model=${vae.model}`, `output_dir=${path.join(work, 'finetune')}`, `data.dir=${dataDir}`]);
+  const decoderCode = await decoderDone;
+  if (decoderCode !== 0) throw new Error(`VAE decoder stage failed (exit ${decoderCode}); see ${path.join(work, 'vae-decoder.log')}; run npm run toy:train again to resume`);
+}
+const decoderModel = path.join(decoderDir, 'model');
+
+/** `sdwb train <config>` in a child process (resuming when checkpoints exist); resolves to its exit code. */
+async function runChildStage(configFile: string, sets: readonly string[], logFile: string): Promise<number> {
+  const dir = sets.find((x) => x.startsWith('output_dir='))!.slice('output_dir='.length);
+  const resume = (await exists(dir)) && (await readdir(dir)).some((f) => f.startsWith('checkpoint-'));
+  const args = ['--import', 'tsx', 'src/cli/main.ts', 'train', configFile, ...sets.flatMap((x) => ['--set', x]), ...(resume ? ['--resume'] : [])];
+  log(`child: sdwb train ${configFile} (log ${logFile})`);
+  const out = await open(logFile, 'a');
+  const child = spawn(process.execPath, args, { stdio: ['ignore', out.fd, out.fd] });
+  const code = await new Promise<number>((resolve) => child.on('exit', (c) => resolve(c ?? 1)));
+  await out.close();
+  return code;
+}
+
+// 3. Measurements with the toy classifier.
+const classifier = await loadClassifier(DEFAULT_CLASSIFIER_FILE);
+
+/** Reconstruction MSE and classifier accuracy on VAE round trips of fresh scenes of every concept. */
+async function vaeCheck(model: string, n: number): Promise<Record<string, number>> {
+  const sd = await loadStableDiffusion(model);
+  const samples = toySamples({ seed: 7, split: 'all', size: 32, count: n });
+  const t = imageToTensor(samples.map((s) => s.image));
+  const recon = tf.tidy(() => {
+    const x = tf.tensor4d(t.data, t.shape);
+    const post = vaeEncode(tfOps, sd.vae.store.scope(), x, sd.vae.cfg);
+    return vaeDecode(tfOps, sd.vae.store.scope(), post.mean, sd.vae.cfg);
+  });
+  const data = (await recon.data()) as Float32Array;
+  let se = 0;
+  for (let i = 0; i < data.length; i++) se += (Math.max(-1, Math.min(1, data[i]!)) - t.data[i]!) ** 2;
+  const images = tensorToImage(data, t.shape);
+  recon.dispose();
+  const probs = classifyBatch(classifier, images);
+  const out: Record<string, number> = { mse: se / data.length, images: n };
+  for (const h of HEAD_NAMES) {
+    const labels = HEADS[h] as readonly string[];
+    out[`${h}_accuracy`] = samples.filter((s, i) => {
+      const p = probs[h][i]!;
+      return labels[p.indexOf(Math.max(...p))] === s.scene[h];
+    }).length / n;
+  }
+  disposeStableDiffusion(sd);
+  return out;
+}
+
+interface BaseAccuracy {
+  readonly guidance: number;
+  readonly images: number;
+  readonly shape: Record<string, { rate: number; images: number }>;
+  readonly colour: Record<string, { rate: number; images: number }>;
+  readonly shapes_at_80: number;
+  readonly mean_shape: number;
+  readonly mean_colour: number;
+}
+
+/** Shape accuracy per shape and colour accuracy per colour of a model's images of full captions. */
+async function baseAccuracy(model: string, outDir: string, guidance: number, perShape: number, images: number): Promise<BaseAccuracy> {
+  const prompts: ToyPrompt[] = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape, styles: PRETRAIN_STYLES, seed: 1 });
+  const { rows } = await runToyEval({ models: [{ name: 'base', model }], prompts, outputDir: outDir, imagesPerPrompt: images, guidance, steps: SAMPLE_STEPS, backend: 'wasm', log });
+  const rate = (head: Head) =>
+    Object.fromEntries(
+      [...groupRows(rows, (r) => parseTargetLabel(r.label ?? '')[head] ?? '?')].map(([k, g]) => [
+        k,
+        { rate: g.filter((r) => headHit(r, TOY_DETECTOR, head)).length / g.length, images: g.length },
+      ]),
+    );
+  const shape = rate('shape');
+  const colour = rate('colour');
+  const mean = (o: Record<string, { rate: number }>) => Object.values(o).reduce((a, b) => a + b.rate, 0) / Object.values(o).length;
+  return {
+    guidance,
+    images: rows.length,
+    shape,
+    colour,
+    shapes_at_80: Object.values(shape).filter((s) => s.rate >= 0.8).length,
+    mean_shape: mean(shape),
+    mean_colour: mean(colour),
+  };
+}
+
+const evalDir = path.join(work, 'eval');
+const summaryFile = path.join(work, 'summary.json');
+const previous = (await exists(summaryFile)) ? (JSON.parse(await readFile(summaryFile, 'utf8')) as Record<string, unknown>) : {};
+const save = async (s: Record<string, unknown>) => {
+  await mkdir(work, { recursive: true });
+  const text = `${JSON.stringify(s, null, 2)}\n`;
+  await writeFileAtomic(summaryFile, async (h) => {
+    await h.writeFile(text);
+  });
+};
+const summary: Record<string, unknown> = { ...previous };
+
+for (const [key, model] of [['vae_check', vae.model], ['vae_decoder_check', decoderModel]] as const) {
+  if (summary[key] === undefined) {
+    log(`${key}: reconstructions of 512 fresh scenes (held-out concepts included)`);
+    summary[key] = await vaeCheck(model, 512);
+    await save(summary);
+  }
+  log(`${key}: ${JSON.stringify(summary[key])}`);
+}
+
+/** A model folder made of `model` with the fine-tuned decoder's VAE (what gets committed). */
+async function withDecoder(model: string, target: string): Promise<string> {
+  if (await exists(path.join(target, 'model_index.json'))) return target;
+  const staging = `${target}.staging`;
+  await rm(staging, { recursive: true, force: true });
+  await cp(model, staging, { recursive: true });
+  await rm(path.join(staging, 'vae'), { recursive: true });
+  await cp(path.join(decoderModel, 'vae'), path.join(staging, 'vae'), { recursive: true });
+  await rename(staging, target);
+  return target;
+}
+
+const perShape = Number(values['per-shape']);
+const images = Number(values.images);
+const guidances = values.guidances.split(',').map(Number);
+const defaultGuidance = 4;
+
+// Accuracy against training steps, from the checkpoints' model folders.
+if (!values['skip-curve']) {
+  const curve = (summary['curve'] as Record<string, BaseAccuracy> | undefined) ?? {};
+  const checkpoints = (await readdir(fine.dir)).filter((f) => /^checkpoint-\d+$/.test(f)).sort((a, b) => Number(a.slice(11)) - Number(b.slice(11)));
+  for (const c of checkpoints) {
+    const step = c.slice(11);
+    if (curve[step] !== undefined) continue;
+    log(`curve: ${c} at CFG ${defaultGuidance}`);
+    const model = await withDecoder(path.join(fine.dir, c, 'model'), path.join(work, 'curve-models', step));
+    curve[step] = await baseAccuracy(model, path.join(evalDir, `curve-${step}`), defaultGuidance, Math.max(2, Math.round(perShape / 4)), images);
+    summary['curve'] = curve;
+    await save(summary);
+  }
+}
+
+if (measureOnly) process.exit(0);
+const final = await withDecoder(fine.model, path.join(work, 'final'));
+
+// CFG scale: the one with the best mean shape accuracy (ties: the smaller scale).
+const byGuidance = (summary['guidance_search'] as Record<string, BaseAccuracy> | undefined) ?? {};
+for (const g of guidances) {
+  if (byGuidance[String(g)] !== undefined) continue;
+  log(`guidance search: CFG ${g}`);
+  byGuidance[String(g)] = await baseAccuracy(final, path.join(evalDir, `cfg-${g}`), g, Math.max(2, Math.round(perShape / 4)), images);
+  summary['guidance_search'] = byGuidance;
+  await save(summary);
+}
+const best = Object.values(byGuidance).reduce((a, b) => (b.mean_shape + b.mean_colour > a.mean_shape + a.mean_colour ? b : a));
+log(`chosen CFG scale ${best.guidance} (mean shape ${best.mean_shape.toFixed(3)}, colour ${best.mean_colour.toFixed(3)})`);
+if ((summary['base'] as BaseAccuracy | undefined)?.guidance !== best.guidance) {
+  summary['base'] = await baseAccuracy(final, path.join(evalDir, `base-${best.guidance}`), best.guidance, perShape, images);
+  await save(summary);
+}
+
+// 4. The committed folder: the finetuned diffusers model + sampling defaults + summary.
+const out = path.resolve(values.out);
+const staging = `${out}.staging`;
+await rm(staging, { recursive: true, force: true });
+await cp(final, staging, { recursive: true });
+for (const keep of ['classifier.safetensors']) if (await exists(path.join(out, keep))) await cp(path.join(out, keep), path.join(staging, keep));
+const toy = { guidance: best.guidance, steps: SAMPLE_STEPS, sampler: 'ddim', size: 32, held_out: HELD_OUT, shapes: SHAPES, colours: COLOUR_NAMES, styles: STYLES };
+const files: [string, string][] = [
+  ['toy.json', `${JSON.stringify(toy, null, 2)}\n`],
+  ['summary.json', `${JSON.stringify({ ...summary, vae_stage: { steps: vae.steps }, finetune_stage: { steps: fine.steps }, reproduce: 'npm run toy:train' }, null, 2)}\n`],
+  ['model.yaml', await readFile(values.spec, 'utf8')],
+  ['vae.yaml', await readFile(values['vae-config'], 'utf8')],
+  ['vae-decoder.yaml', await readFile(values['decoder-config'], 'utf8')],
+  ['finetune.yaml', await readFile(values['finetune-config'], 'utf8')],
+];
+for (const [name, text] of files) await writeFileAtomic(path.join(staging, name), async (h) => void (await h.writeFile(text)));
+await rm(out, { recursive: true, force: true });
+await rename(staging, out);
+log(`wrote ${out}`);

@@ -1,0 +1,362 @@
+/**
+ * `sdwb demo`: on the toy model, trains each concept method on toy data the base model never saw
+ * (textual inversion of the held-out shape, a hypernetwork for the held-out style, a
+ * DreamBooth-LoRA of one specific object) or erases a concept it knows (ESD-x of "circle"), then
+ * measures base vs tuned through the eval harness with the toy classifier and judges each effect
+ * against its bar. Everything lands in one folder and is resumable: a finished method or
+ * measurement is reused by the next run.
+ */
+import { mkdir, readdir, readFile, stat } from 'node:fs/promises';
+import path from 'node:path';
+
+import { z } from 'zod';
+
+import { writeFileAtomic } from '../io/atomic.js';
+import { trainingConfigSchema } from '../methods/registry.js';
+import { parseTrainingConfig, type RawConfig } from '../train/config.js';
+import { train } from '../train/loop.js';
+import type { ProgressStream } from '../train/progress.js';
+import type { ResultRow } from '../eval/rows.js';
+import { writeToyDataset } from './dataset.js';
+import { accuracyOf, groupRows, headHit, labelRate, rowHits, runToyEval, scenePrompts, TOY_DETECTOR, type Accuracy, type ToyEvalModel, type ToyPrompt } from './eval.js';
+import { captionOf, HELD_OUT, SHAPES, STYLES, type Scene, type Shape } from './world.js';
+
+/** The toy model's sampling defaults (`assets/toy-sd/toy.json`, written by `npm run toy:train`). */
+export const toyDefaultsSchema = z.object({
+  guidance: z.number().min(0),
+  steps: z.number().int().min(1),
+  sampler: z.string(),
+  size: z.number().int().min(8),
+});
+export type ToyDefaults = z.infer<typeof toyDefaultsSchema>;
+
+/** The folder the demo uses when no model is given. */
+export const DEFAULT_TOY_MODEL = 'assets/toy-sd';
+
+/** The shape the demo erases with ESD-x. */
+export const ERASED_SHAPE: Shape = 'circle';
+/** The specific object the DreamBooth-LoRA binds to "sks". */
+export const DREAMBOOTH_OBJECT = { shape: 'star', colour: 'purple', style: 'striped' } as const;
+export const TI_TOKEN = '<toy-heart>';
+export const DREAMBOOTH_PROMPT = 'a sks shape';
+export const DREAMBOOTH_CLASS_PROMPT = 'a shape';
+
+const PRETRAIN_SHAPES = SHAPES.filter((s) => s !== HELD_OUT.shape);
+const PRETRAIN_STYLES = STYLES.filter((s) => s !== HELD_OUT.style);
+/** The smallest row the bars are judged on (issue #9: ≥ 50 generated images per row). */
+export const MIN_IMAGES = 50;
+
+/** How big a demo run is. */
+export interface DemoScale {
+  /** Training steps per method. */
+  readonly steps: { readonly ti: number; readonly esd: number; readonly hypernetwork: number; readonly dreambooth: number };
+  /** Prompts per row and images per prompt (rows = prompts × images). */
+  readonly prompts: number;
+  readonly images: number;
+  /** Training images per method dataset. */
+  readonly dataImages: number;
+}
+
+/** Full demo: every row ≥ 50 images. */
+export const FULL_SCALE: DemoScale = { steps: { ti: 300, esd: 200, hypernetwork: 300, dreambooth: 300 }, prompts: 10, images: 5, dataImages: 200 };
+/** `--fast`: the same pipeline with short training and small rows (directions only, not the bars). */
+export const FAST_SCALE: DemoScale = { steps: { ti: 60, esd: 40, hypernetwork: 60, dreambooth: 60 }, prompts: 4, images: 3, dataImages: 64 };
+
+/** Settings of a demo run. */
+export interface DemoOptions {
+  readonly model: string;
+  readonly out: string;
+  readonly scale: DemoScale;
+  readonly fast: boolean;
+  readonly backend?: 'auto' | 'wasm' | 'cpu';
+  readonly seed?: number;
+  readonly log?: (line: string) => void;
+  readonly progress?: ProgressStream | false;
+  readonly signal?: AbortSignal;
+}
+
+/** One judged number. */
+export interface DemoCheck {
+  readonly id: string;
+  readonly description: string;
+  readonly value: number;
+  readonly op: '>=' | '<=';
+  readonly threshold: number;
+  /** Generated images behind the value (the smallest row it is computed from). */
+  readonly images: number;
+  /** The value meets the threshold. */
+  readonly met: boolean;
+  /** The value meets the threshold on ≥ MIN_IMAGES images per row. */
+  readonly pass: boolean;
+}
+
+/** What `results.json` holds. */
+export interface DemoResults {
+  readonly version: 1;
+  readonly model: string;
+  readonly fast: boolean;
+  readonly sampling: ToyDefaults & { readonly images_per_prompt: number; readonly prompts_per_row: number };
+  readonly seeds: { readonly training: number; readonly prompts: number; readonly note: string };
+  readonly methods: Readonly<Record<string, { readonly steps: number; readonly seconds: number; readonly file: string; readonly config: RawConfig }>>;
+  readonly rows: Readonly<Record<string, Accuracy & { readonly model: string; readonly what: string }>>;
+  readonly checks: readonly DemoCheck[];
+  readonly pass: boolean;
+  readonly seconds: number;
+  readonly eval_dirs: Readonly<Record<string, string>>;
+}
+
+const exists = (p: string) => stat(p).then(() => true, () => false);
+
+/** Reads `toy.json` of a toy model folder. */
+export async function readToyDefaults(model: string): Promise<ToyDefaults> {
+  const file = path.join(model, 'toy.json');
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch {
+    throw new Error(`${file}: not found — the demo needs a toy model folder made by npm run toy:train (default ${DEFAULT_TOY_MODEL})`);
+  }
+  const parsed = toyDefaultsSchema.safeParse(JSON.parse(text));
+  if (!parsed.success) throw new Error(`${file}: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  return parsed.data;
+}
+
+async function writeJson(file: string, value: unknown): Promise<void> {
+  const text = `${JSON.stringify(value, null, 2)}\n`;
+  await writeFileAtomic(file, async (h) => {
+    await h.writeFile(text);
+  });
+}
+
+/** The training datasets: held-out shape, held-out style, one specific object. */
+async function writeDemoData(out: string, count: number): Promise<Record<'ti' | 'hypernetwork' | 'dreambooth', string>> {
+  const dirs = { ti: path.join(out, 'data', 'ti'), hypernetwork: path.join(out, 'data', 'hypernetwork'), dreambooth: path.join(out, 'data', 'dreambooth') };
+  const styleless = (s: Scene) => `a ${s.colour} ${s.shape} on a ${s.background} background`;
+  const sets = [
+    { dir: dirs.ti, split: 'heldout-shape' as const, count, caption: (s: Scene) => captionOf(s).replace(HELD_OUT.shape, TI_TOKEN) },
+    { dir: dirs.hypernetwork, split: 'heldout-style' as const, count, caption: styleless },
+    { dir: dirs.dreambooth, split: 'pretrain' as const, count: Math.min(count, 40), scene: (s: Scene): Scene => ({ ...s, ...DREAMBOOTH_OBJECT }), caption: () => DREAMBOOTH_PROMPT },
+  ];
+  for (const s of sets) {
+    if (await exists(path.join(s.dir, 'dataset.json'))) continue;
+    await writeToyDataset({ seed: 11, size: 32, ...s });
+  }
+  return dirs;
+}
+
+/** The four method configs of the demo (raw, as a user would write them in YAML). */
+export function demoConfigs(o: { model: string; out: string; data: Record<'ti' | 'hypernetwork' | 'dreambooth', string>; scale: DemoScale; defaults: ToyDefaults; seed: number; backend: string }): Record<'ti' | 'esd' | 'hypernetwork' | 'dreambooth', RawConfig> {
+  const common = { model: o.model, seed: o.seed, backend: o.backend, save_every: 100_000 };
+  const circleCaptions = scenePrompts({ shapes: [ERASED_SHAPE], perShape: 24, styles: PRETRAIN_STYLES, seed: 3 }).map((p) => p.prompt);
+  return {
+    ti: {
+      ...common,
+      method: 'textual_inversion',
+      output_dir: path.join(o.out, 'ti'),
+      steps: o.scale.steps.ti,
+      batch_size: 8,
+      gradient_accumulation_steps: 1,
+      learning_rate: 2e-3,
+      placeholder_token: TI_TOKEN,
+      initializer_token: 'shape',
+      template: 'none',
+      save_formats: ['a1111_safetensors'],
+      data: { dir: o.data.ti, resolution: 32 },
+    },
+    esd: {
+      ...common,
+      method: 'esd',
+      output_dir: path.join(o.out, 'esd'),
+      preset: 'esd-2024',
+      parameters: 'esd-x',
+      concept: circleCaptions.join('|'),
+      separator: '|',
+      steps: o.scale.steps.esd,
+      learning_rate: 1e-3,
+      negative_guidance: 2,
+      start_guidance: o.defaults.guidance,
+      ddim_steps: o.defaults.steps,
+      resolution: 32,
+    },
+    hypernetwork: {
+      ...common,
+      method: 'hypernetwork',
+      output_dir: path.join(o.out, 'hypernetwork'),
+      hypernetwork_name: 'checkered',
+      enable_sizes: [32, 64],
+      steps: o.scale.steps.hypernetwork,
+      batch_size: 8,
+      gradient_accumulation_steps: 1,
+      learning_rate: 1e-3,
+      data: { dir: o.data.hypernetwork, resolution: 32 },
+    },
+    dreambooth: {
+      ...common,
+      method: 'dreambooth',
+      output_dir: path.join(o.out, 'dreambooth'),
+      adapter: 'lora',
+      rank: 8,
+      steps: o.scale.steps.dreambooth,
+      batch_size: 4,
+      learning_rate: 1e-3,
+      with_prior_preservation: true,
+      class_prompt: DREAMBOOTH_CLASS_PROMPT,
+      num_class_images: 40,
+      class_sample_steps: o.defaults.steps,
+      class_guidance_scale: o.defaults.guidance,
+      class_batch_size: 8,
+      save_formats: ['kohya'],
+      output_name: 'sks-shape',
+      data: { dir: o.data.dreambooth, resolution: 32, instance_prompt: DREAMBOOTH_PROMPT },
+    },
+  };
+}
+
+const ARTIFACT_EXT: Record<string, RegExp> = {
+  ti: /\.safetensors$/,
+  esd: /\.safetensors$/,
+  hypernetwork: /\.pt$/,
+  dreambooth: /\.safetensors$/,
+};
+
+/** Trains one method (or reuses a finished run) and returns its artifact file. */
+async function trainMethod(id: string, raw: RawConfig, o: DemoOptions, log: (m: string) => void): Promise<{ file: string; seconds: number; steps: number }> {
+  const config = parseTrainingConfig(raw, trainingConfigSchema(), `demo ${id} config`);
+  const marker = path.join(config.output_dir, 'demo-done.json');
+  if (await exists(marker)) {
+    const done = JSON.parse(await readFile(marker, 'utf8')) as { file: string; seconds: number; steps: number };
+    if (done.steps === config.steps && (await exists(done.file))) {
+      log(`${id}: reusing ${done.file}`);
+      return done;
+    }
+  }
+  log(`${id}: training ${config.steps} steps → ${config.output_dir}`);
+  const t0 = Date.now();
+  const hasCheckpoint = (await exists(config.output_dir)) && (await readdir(config.output_dir)).some((f) => f.startsWith('checkpoint-'));
+  const result = await train(config, {
+    ...(hasCheckpoint ? { resume: 'latest' } : {}),
+    log,
+    ...(o.progress === undefined ? {} : { progress: o.progress }),
+    ...(o.signal === undefined ? {} : { signal: o.signal }),
+  });
+  if (result.interrupted) throw new DemoInterrupted(`${id} interrupted at step ${result.step}`);
+  const file = result.outputs.find((f) => ARTIFACT_EXT[id]!.test(f));
+  if (file === undefined) throw new Error(`${id}: training wrote no ${ARTIFACT_EXT[id]} file (outputs: ${result.outputs.join(', ')})`);
+  const done = { file, seconds: (Date.now() - t0) / 1000, steps: config.steps };
+  await writeJson(marker, done);
+  return done;
+}
+
+/** Raised when the signal stops the demo (everything finished so far is kept). */
+export class DemoInterrupted extends Error {
+  override name = 'DemoInterrupted';
+}
+
+function withToken(prompts: readonly ToyPrompt[], word: string, token: string): ToyPrompt[] {
+  return prompts.map((p) => ({ ...p, prompt: p.prompt.replace(word, token) }));
+}
+
+/** Runs the demo end to end and writes `results.json` (the report is written by the caller). */
+export async function runDemo(o: DemoOptions): Promise<DemoResults> {
+  const t0 = Date.now();
+  const log = o.log ?? ((m: string) => process.stderr.write(`${m}\n`));
+  const out = path.resolve(o.out);
+  const model = path.resolve(o.model);
+  const seed = o.seed ?? 0;
+  const backend = o.backend ?? 'wasm';
+  const defaults = await readToyDefaults(model);
+  await mkdir(out, { recursive: true });
+
+  // 1. Data and training.
+  const data = await writeDemoData(out, o.scale.dataImages);
+  const configs = demoConfigs({ model, out, data, scale: o.scale, defaults, seed, backend });
+  const methods: Record<string, { steps: number; seconds: number; file: string; config: RawConfig }> = {};
+  for (const id of ['ti', 'esd', 'hypernetwork', 'dreambooth'] as const) {
+    const t = await trainMethod(id, configs[id], o, log);
+    methods[id] = { ...t, config: configs[id] };
+  }
+
+  // 2. Measurements through the eval harness.
+  const n = o.scale.prompts;
+  const evalBase = { imagesPerPrompt: o.scale.images, guidance: defaults.guidance, steps: defaults.steps, backend: backend as 'wasm', log, progress: o.progress !== false, ...(o.signal === undefined ? {} : { signal: o.signal }) };
+  const evalDirs: Record<string, string> = {};
+  const measure = async (name: string, models: ToyEvalModel[], prompts: ToyPrompt[]): Promise<ResultRow[]> => {
+    evalDirs[name] = path.join(out, 'eval', name);
+    log(`measuring ${name}: ${models.map((m) => m.name).join(', ')} × ${prompts.length} prompts × ${o.scale.images} images`);
+    const { rows, result } = await runToyEval({ ...evalBase, models, prompts, outputDir: evalDirs[name]! });
+    if (result.interrupted) throw new DemoInterrupted(`measurement ${name} interrupted`);
+    return rows;
+  };
+  const base: ToyEvalModel = { name: 'base', model };
+  const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: PRETRAIN_SHAPES, perShape: n, styles: PRETRAIN_STYLES, seed: 1 }));
+  const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 }), HELD_OUT.shape, TI_TOKEN));
+  const styleless = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape: Math.ceil(n / PRETRAIN_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: `a ${p.target.colour} ${p.target.shape} on a ${p.target.background} background` }));
+  const hnRows = await measure('hypernetwork', [
+    { name: 'hypernetwork-1', model, hypernetwork: `${methods['hypernetwork']!.file}:1` },
+    { name: 'hypernetwork-0', model, hypernetwork: `${methods['hypernetwork']!.file}:0` },
+  ], styleless);
+  const sksPrompts: ToyPrompt[] = Array.from({ length: n }, (_, i) => ({ id: `sks-${i}`, prompt: DREAMBOOTH_PROMPT, target: { ...DREAMBOOTH_OBJECT }, seed: 500_000 + i }));
+  const dbRows = await measure('dreambooth', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], sksPrompts);
+  const classPrompts = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape: Math.max(1, Math.round(n / PRETRAIN_SHAPES.length)), styles: PRETRAIN_STYLES, seed: 5 });
+  const classRows = await measure('dreambooth-class', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], classPrompts);
+
+  // 3. Rows and checks.
+  const byModel = (rows: readonly ResultRow[], m: string) => rows.filter((r) => r.model === m);
+  const shapeOf = (r: ResultRow) => /shape=(\w+)/.exec(r.label ?? '')?.[1] ?? '?';
+  const rows: Record<string, Accuracy & { model: string; what: string }> = {};
+  const put = (key: string, modelName: string, what: string, a: Accuracy) => (rows[key] = { ...a, model: modelName, what });
+  for (const [m, label] of [['base', 'base'], ['esd-x', 'esd']] as const) {
+    for (const [shape, g] of groupRows(byModel(shapeRows, m), shapeOf)) put(`${label}.shape.${shape}`, m, `"${shape}" captions drawn as ${shape}`, accuracyOf(g, TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')));
+    put(`${label}.colour`, m, 'captions drawn in the requested colour', accuracyOf(byModel(shapeRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'colour')));
+  }
+  const others = (label: string) => {
+    const list = PRETRAIN_SHAPES.filter((s) => s !== ERASED_SHAPE).map((s) => rows[`${label}.shape.${s}`]!);
+    return { rate: list.reduce((a, b) => a + b.rate, 0) / list.length, images: Math.min(...list.map((x) => x.images)) };
+  };
+  for (const [m, label] of [['base', 'base.ti_prompts'], ['ti', 'ti.shape']] as const) {
+    put(label, m, `"${TI_TOKEN}" captions drawn as ${HELD_OUT.shape}${m === 'base' ? ' (no embedding: the tokenizer splits the token into pieces)' : ''}`, accuracyOf(byModel(tiRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')));
+  }
+  put('hypernetwork-1.style', 'hypernetwork-1', `style-less captions drawn ${HELD_OUT.style} (strength 1)`, labelRate(byModel(hnRows, 'hypernetwork-1'), TOY_DETECTOR, 'style', HELD_OUT.style));
+  put('hypernetwork-0.style', 'hypernetwork-0', `style-less captions drawn ${HELD_OUT.style} (strength 0)`, labelRate(byModel(hnRows, 'hypernetwork-0'), TOY_DETECTOR, 'style', HELD_OUT.style));
+  for (const [m, label] of [['base', 'base.identifier'], ['dreambooth-lora', 'dreambooth.identifier']] as const) {
+    put(label, m, `"${DREAMBOOTH_PROMPT}" drawn as a ${DREAMBOOTH_OBJECT.colour} ${DREAMBOOTH_OBJECT.style} ${DREAMBOOTH_OBJECT.shape}`, accuracyOf(byModel(dbRows, m), TOY_DETECTOR, (r) => rowHits(r, TOY_DETECTOR)));
+  }
+  for (const m of ['base', 'dreambooth-lora']) {
+    put(`${m}.class`, m, 'captions without the identifier drawn with the requested shape and colour', accuracyOf(byModel(classRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape') && headHit(r, TOY_DETECTOR, 'colour')));
+  }
+
+  const checks: DemoCheck[] = [];
+  const check = (id: string, description: string, value: number, op: '>=' | '<=', threshold: number, images: number) => {
+    const met = op === '>=' ? value >= threshold : value <= threshold;
+    checks.push({ id, description, value, op, threshold, images, met, pass: met && images >= MIN_IMAGES });
+  };
+  const baseShapes = PRETRAIN_SHAPES.map((s) => rows[`base.shape.${s}`]!);
+  check('base.shapes_at_80', 'base model: shapes drawn correctly for ≥ 80% of their captions', baseShapes.filter((r) => r.rate >= 0.8).length, '>=', 3, Math.min(...baseShapes.map((r) => r.images)));
+  check('base.colour', 'base model: requested colour', rows['base.colour']!.rate, '>=', 0.8, rows['base.colour']!.images);
+  check('esd.erased', `ESD-x: "${ERASED_SHAPE}" captions still drawn as ${ERASED_SHAPE}`, rows[`esd.shape.${ERASED_SHAPE}`]!.rate, '<=', 0.2, rows[`esd.shape.${ERASED_SHAPE}`]!.images);
+  const ob = others('base');
+  const oe = others('esd');
+  check('esd.others_drop', 'ESD-x: fall of the other shapes\' mean accuracy (points/100)', ob.rate - oe.rate, '<=', 0.1, Math.min(ob.images, oe.images));
+  check('ti.heldout_shape', `textual inversion: "${TI_TOKEN}" drawn as ${HELD_OUT.shape}`, rows['ti.shape']!.rate, '>=', 0.7, rows['ti.shape']!.images);
+  check('hypernetwork.strength_1', `hypernetwork at strength 1: ${HELD_OUT.style} style`, rows['hypernetwork-1.style']!.rate, '>=', 0.7, rows['hypernetwork-1.style']!.images);
+  check('hypernetwork.strength_0', `hypernetwork at strength 0: ${HELD_OUT.style} style`, rows['hypernetwork-0.style']!.rate, '<=', 0.1, rows['hypernetwork-0.style']!.images);
+  check('dreambooth.identifier', `DreamBooth-LoRA: "${DREAMBOOTH_PROMPT}" shows the object's shape, colour and style`, rows['dreambooth.identifier']!.rate, '>=', 0.7, rows['dreambooth.identifier']!.images);
+  const classDrop = Math.abs(rows['base.class']!.rate - rows['dreambooth-lora.class']!.rate);
+  check('dreambooth.class_change', 'DreamBooth-LoRA: change of accuracy on captions without the identifier (points/100)', classDrop, '<=', 0.1, Math.min(rows['base.class']!.images, rows['dreambooth-lora.class']!.images));
+
+  const results: DemoResults = {
+    version: 1,
+    model,
+    fast: o.fast,
+    sampling: { ...defaults, images_per_prompt: o.scale.images, prompts_per_row: n },
+    seeds: { training: seed, prompts: 1, note: "each prompt's seed is in its row (eval/<measurement>/rows.jsonl); image k is slice k of one noise batch drawn from it" },
+    methods,
+    rows,
+    checks,
+    pass: checks.every((c) => c.pass),
+    seconds: (Date.now() - t0) / 1000,
+    eval_dirs: evalDirs,
+  };
+  await writeJson(path.join(out, 'results.json'), results);
+  return results;
+}

@@ -1,0 +1,65 @@
+/**
+ * `sdwb demo --fast` on the bundled toy model: the reduced demo (short training, small rows)
+ * must move every effect in its direction — ESD-x lowers the erased shape, the embedding raises
+ * the held-out shape, the hypernetwork at strength 1 raises the held-out style over strength 0,
+ * the LoRA makes "a sks shape" the trained object — and write results.json and report.html.
+ * The bars themselves (≥ 50 images per row) are the full demo's job: docs/results.md.
+ */
+import { mkdtemp, readFile, stat } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+
+import { describe, expect, it } from 'vitest';
+
+import type { DemoResults } from '../../src/toy/demo.js';
+import { runSdwb } from '../helpers/cli.js';
+
+describe('sdwb demo', () => {
+  it('--fast: every effect moves in its direction; results.json and report.html are written', async () => {
+    const out = await mkdtemp(path.join(os.tmpdir(), 'sdwb-demo-'));
+    const r = await runSdwb(['demo', '--fast', '--json', '--out', out], { timeoutMs: 900_000 });
+    expect(r.code, r.stderr).toBe(0);
+    const printed = JSON.parse(r.stdout) as DemoResults;
+    const saved = JSON.parse(await readFile(path.join(out, 'results.json'), 'utf8')) as DemoResults;
+    expect(saved.checks).toEqual(printed.checks);
+    expect((await stat(path.join(out, 'report.html'))).size).toBeGreaterThan(1000);
+
+    const rate = (k: string) => {
+      const row = saved.rows[k];
+      expect(row, k).toBeDefined();
+      expect(row!.images).toBeGreaterThan(0);
+      return row!.rate;
+    };
+    expect(rate('esd.shape.circle')).toBeLessThan(rate('base.shape.circle'));
+    expect(rate('ti.shape')).toBeGreaterThan(rate('base.ti_prompts'));
+    expect(rate('hypernetwork-1.style')).toBeGreaterThan(rate('hypernetwork-0.style'));
+    expect(rate('dreambooth.identifier')).toBeGreaterThan(rate('base.identifier'));
+
+    // A fast run's rows are below the 50-image floor, so it never claims the bars.
+    expect(saved.fast).toBe(true);
+    expect(saved.pass).toBe(false);
+    expect(saved.checks.map((c) => c.id)).toEqual([
+      'base.shapes_at_80',
+      'base.colour',
+      'esd.erased',
+      'esd.others_drop',
+      'ti.heldout_shape',
+      'hypernetwork.strength_1',
+      'hypernetwork.strength_0',
+      'dreambooth.identifier',
+      'dreambooth.class_change',
+    ]);
+    for (const c of saved.checks) {
+      expect(c.images).toBeGreaterThan(0);
+      expect(c.pass).toBe(false);
+    }
+  }, 900_000);
+
+  it('a folder without toy.json is refused with one clear line', async () => {
+    const out = await mkdtemp(path.join(os.tmpdir(), 'sdwb-demo-bad-'));
+    const r = await runSdwb(['demo', '--model', out, '--out', path.join(out, 'o')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain('toy.json: not found');
+  });
+});
