@@ -9,8 +9,7 @@
  * folder `assets/toy-sd/` with `toy.json` (sampling defaults) and `summary.json`.
  * Budget and reasoning: docs/toy-plan.md; results: docs/results.md.
  */
-import { spawn } from 'node:child_process';
-import { cp, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { cp, mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
@@ -24,6 +23,7 @@ import { disposeStableDiffusion, loadStableDiffusion } from '../src/pipeline/loa
 import { trainingConfigSchema } from '../src/methods/registry.js';
 import { loadTrainingConfig } from '../src/train/config.js';
 import { train } from '../src/train/loop.js';
+import { runSdwbChild } from '../src/toy/child.js';
 import { classifyBatch, HEAD_NAMES, HEADS, loadClassifier, type Head } from '../src/toy/classifier.js';
 import { writeToyDataset, toySamples } from '../src/toy/dataset.js';
 import { DEFAULT_CLASSIFIER_FILE } from '../src/toy/detector.js';
@@ -114,13 +114,14 @@ const decoderModel = path.join(decoderDir, 'model');
 async function runChildStage(configFile: string, sets: readonly string[], logFile: string): Promise<number> {
   const dir = sets.find((x) => x.startsWith('output_dir='))!.slice('output_dir='.length);
   const resume = (await exists(dir)) && (await readdir(dir)).some((f) => f.startsWith('checkpoint-'));
-  const args = ['--import', 'tsx', 'src/cli/main.ts', 'train', configFile, ...sets.flatMap((x) => ['--set', x]), ...(resume ? ['--resume'] : [])];
   log(`child: sdwb train ${configFile} (log ${logFile})`);
-  const out = await open(logFile, 'a');
-  const child = spawn(process.execPath, args, { stdio: ['ignore', out.fd, out.fd] });
-  const code = await new Promise<number>((resolve) => child.on('exit', (c) => resolve(c ?? 1)));
-  await out.close();
-  return code;
+  return runSdwbChild(['train', configFile, ...sets.flatMap((x) => ['--set', x]), ...(resume ? ['--resume'] : [])], logFile).then(
+    () => 0,
+    (e: unknown) => {
+      log(String(e));
+      return 1;
+    },
+  );
 }
 
 // 3. Measurements with the toy classifier.

@@ -7,6 +7,7 @@
  * measurement is reused by the next run.
  */
 import { mkdir, readdir, readFile, stat } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 
 import { z } from 'zod';
@@ -17,6 +18,7 @@ import { parseTrainingConfig, type RawConfig } from '../train/config.js';
 import { train } from '../train/loop.js';
 import type { ProgressStream } from '../train/progress.js';
 import type { ResultRow } from '../eval/rows.js';
+import { runSdwbChild } from './child.js';
 import { writeToyDataset } from './dataset.js';
 import { accuracyOf, groupRows, headHit, labelRate, rowHits, runToyEval, scenePrompts, TOY_DETECTOR, type Accuracy, type ToyEvalModel, type ToyPrompt } from './eval.js';
 import { captionOf, HELD_OUT, SHAPES, STYLES, type Scene, type Shape } from './world.js';
@@ -73,6 +75,8 @@ export interface DemoOptions {
   readonly log?: (line: string) => void;
   readonly progress?: ProgressStream | false;
   readonly signal?: AbortSignal;
+  /** Processes to use (default: 2 when the machine has 2+ cores; wasm uses one core each). */
+  readonly workers?: number;
 }
 
 /** One judged number. */
@@ -219,10 +223,11 @@ const ARTIFACT_EXT: Record<string, RegExp> = {
   dreambooth: /\.safetensors$/,
 };
 
-/** Trains one method (or reuses a finished run) and returns its artifact file. */
-async function trainMethod(id: string, raw: RawConfig, o: DemoOptions, log: (m: string) => void): Promise<{ file: string; seconds: number; steps: number }> {
+/** Trains one method (or reuses a finished run), here or in a `sdwb train` child, and returns its artifact file. */
+async function trainMethod(id: string, raw: RawConfig, o: DemoOptions, log: (m: string) => void, child: boolean): Promise<{ file: string; seconds: number; steps: number }> {
   const config = parseTrainingConfig(raw, trainingConfigSchema(), `demo ${id} config`);
-  const marker = path.join(config.output_dir, 'demo-done.json');
+  const dir = path.resolve(config.output_dir);
+  const marker = path.join(dir, 'demo-done.json');
   if (await exists(marker)) {
     const done = JSON.parse(await readFile(marker, 'utf8')) as { file: string; seconds: number; steps: number };
     if (done.steps === config.steps && (await exists(done.file))) {
@@ -230,18 +235,34 @@ async function trainMethod(id: string, raw: RawConfig, o: DemoOptions, log: (m: 
       return done;
     }
   }
-  log(`${id}: training ${config.steps} steps → ${config.output_dir}`);
   const t0 = Date.now();
-  const hasCheckpoint = (await exists(config.output_dir)) && (await readdir(config.output_dir)).some((f) => f.startsWith('checkpoint-'));
-  const result = await train(config, {
-    ...(hasCheckpoint ? { resume: 'latest' } : {}),
-    log,
-    ...(o.progress === undefined ? {} : { progress: o.progress }),
-    ...(o.signal === undefined ? {} : { signal: o.signal }),
-  });
-  if (result.interrupted) throw new DemoInterrupted(`${id} interrupted at step ${result.step}`);
-  const file = result.outputs.find((f) => ARTIFACT_EXT[id]!.test(f));
-  if (file === undefined) throw new Error(`${id}: training wrote no ${ARTIFACT_EXT[id]} file (outputs: ${result.outputs.join(', ')})`);
+  const hasCheckpoint = (await exists(dir)) && (await readdir(dir)).some((f) => f.startsWith('checkpoint-'));
+  let file: string | undefined;
+  if (child) {
+    await mkdir(dir, { recursive: true });
+    const cfgFile = path.join(dir, 'demo-config.json');
+    const json = JSON.stringify(raw, null, 2);
+    await writeFileAtomic(cfgFile, async (h) => {
+      await h.writeFile(json);
+    });
+    const logFile = path.join(dir, 'train.log');
+    log(`${id}: training ${config.steps} steps in a child process → ${dir} (log ${logFile})`);
+    await runSdwbChild(['train', cfgFile, ...(hasCheckpoint ? ['--resume'] : [])], logFile, o.signal);
+    if (o.signal?.aborted === true) throw new DemoInterrupted(`${id} interrupted`);
+    const found = (await readdir(dir)).filter((f) => ARTIFACT_EXT[id]!.test(f));
+    if (found.length === 1) file = path.join(dir, found[0]!);
+  } else {
+    log(`${id}: training ${config.steps} steps → ${dir}`);
+    const result = await train(config, {
+      ...(hasCheckpoint ? { resume: 'latest' } : {}),
+      log,
+      ...(o.progress === undefined ? {} : { progress: o.progress }),
+      ...(o.signal === undefined ? {} : { signal: o.signal }),
+    });
+    if (result.interrupted) throw new DemoInterrupted(`${id} interrupted at step ${result.step}`);
+    file = result.outputs.find((f) => ARTIFACT_EXT[id]!.test(f));
+  }
+  if (file === undefined) throw new Error(`${id}: training left no single ${ARTIFACT_EXT[id]} file in ${dir}`);
   const done = { file, seconds: (Date.now() - t0) / 1000, steps: config.steps };
   await writeJson(marker, done);
   return done;
@@ -265,16 +286,23 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   const seed = o.seed ?? 0;
   const backend = o.backend ?? 'wasm';
   const defaults = await readToyDefaults(model);
+  const workers = o.workers ?? Math.min(2, availableParallelism());
   await mkdir(out, { recursive: true });
 
   // 1. Data and training.
   const data = await writeDemoData(out, o.scale.dataImages);
   const configs = demoConfigs({ model, out, data, scale: o.scale, defaults, seed, backend });
   const methods: Record<string, { steps: number; seconds: number; file: string; config: RawConfig }> = {};
-  for (const id of ['ti', 'esd', 'hypernetwork', 'dreambooth'] as const) {
-    const t = await trainMethod(id, configs[id], o, log);
-    methods[id] = { ...t, config: configs[id] };
-  }
+  // Two lanes when there are two workers: this process and one `sdwb train` child at a time.
+  const lanes: (readonly ('ti' | 'esd' | 'hypernetwork' | 'dreambooth')[])[] = workers > 1 ? [['ti', 'hypernetwork'], ['esd', 'dreambooth']] : [['ti', 'esd', 'hypernetwork', 'dreambooth']];
+  await Promise.all(
+    lanes.map(async (ids, lane) => {
+      for (const id of ids) {
+        const t = await trainMethod(id, configs[id], o, log, lane > 0);
+        methods[id] = { ...t, config: configs[id] };
+      }
+    }),
+  );
 
   // 2. Measurements through the eval harness.
   const n = o.scale.prompts;
@@ -283,8 +311,8 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   const measure = async (name: string, models: ToyEvalModel[], prompts: ToyPrompt[]): Promise<ResultRow[]> => {
     evalDirs[name] = path.join(out, 'eval', name);
     log(`measuring ${name}: ${models.map((m) => m.name).join(', ')} × ${prompts.length} prompts × ${o.scale.images} images`);
-    const { rows, result } = await runToyEval({ ...evalBase, models, prompts, outputDir: evalDirs[name]! });
-    if (result.interrupted) throw new DemoInterrupted(`measurement ${name} interrupted`);
+    const { rows, interrupted } = await runToyEval({ ...evalBase, models, prompts, outputDir: evalDirs[name]!, workers });
+    if (interrupted) throw new DemoInterrupted(`measurement ${name} interrupted`);
     return rows;
   };
   const base: ToyEvalModel = { name: 'base', model };

@@ -3,15 +3,17 @@
  * concepts each prompt asks for ("shape=circle colour=red"), and the accuracy of generated images
  * read back from the harness's rows (the toy classifier's argmax per head against the label).
  */
-import { mkdir } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 
 import { parseEvalConfig, type EvalConfig, type ModelEntry } from '../eval/config.js';
 import { readRowsFile, type ResultRow } from '../eval/rows.js';
-import { runEval, type RunResult } from '../eval/runner.js';
+import { mergeRuns } from '../eval/merge.js';
+import { runEval } from '../eval/runner.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { HEAD_NAMES, HEADS, type Head } from './classifier.js';
 import { SeededRandom } from '../data/rng.js';
+import { runSdwbChild } from './child.js';
 import { bundledClassifierFile, conceptName, registerToyClassifier } from './detector.js';
 import { BACKGROUND_NAMES, captionOf, COLOUR_NAMES, type Background, type Colour, type Shape, type Style } from './world.js';
 
@@ -127,41 +129,68 @@ export interface ToyEvalOptions {
   readonly backend?: EvalConfig['backend'];
   readonly signal?: AbortSignal;
   readonly progress?: boolean;
+  /** Processes sharing the images (default 1). */
+  readonly workers?: number;
   readonly log?: (message: string) => void;
 }
+
+const exists = (p: string) => stat(p).then(() => true, () => false);
 
 /** The detector name a toy measurement stores its scores under. */
 export const TOY_DETECTOR = 'toy';
 
-/** Generates and classifies through the eval harness (resumable like any benchmark); returns every row. */
-export async function runToyEval(o: ToyEvalOptions): Promise<{ rows: ResultRow[]; result: RunResult }> {
+/**
+ * Generates and classifies through the eval harness (resumable like any benchmark); returns every
+ * row. With `workers` > 1 the images are split into shards, all but the first run by `sdwb eval`
+ * child processes, and merged (`sdwb eval merge`), as a user would on several machines.
+ */
+export async function runToyEval(o: ToyEvalOptions): Promise<{ rows: ResultRow[]; interrupted: boolean }> {
   registerToyClassifier();
   await mkdir(o.outputDir, { recursive: true });
+  const merged = path.join(o.outputDir, 'rows.jsonl');
+  if (await exists(path.join(o.outputDir, 'summary.json'))) return { rows: [...(await readRowsFile(merged)).rows], interrupted: false };
   const csv = path.join(o.outputDir, 'prompts.csv');
   const text = promptsCsv(o.prompts);
   await writeFileAtomic(csv, async (h) => {
     await h.writeFile(text);
   });
-  const raw = {
+  const classifier = o.classifier ?? (await bundledClassifierFile());
+  const raw = (outputDir: string) => ({
     prompts: { csv, columns: { label: 'label' } },
     models: o.models.map((m) => ({ ...m })),
     images_per_prompt: o.imagesPerPrompt,
     steps: o.steps,
     sampler: 'ddim',
     guidance: o.guidance,
-    detectors: [{ type: 'concept', name: TOY_DETECTOR, classifier: 'toy', options: { model: o.classifier ?? (await bundledClassifierFile()) } }],
-    output_dir: o.outputDir,
+    detectors: [{ type: 'concept', name: TOY_DETECTOR, classifier: 'toy', options: { model: classifier } }],
+    output_dir: outputDir,
     backend: o.backend ?? 'auto',
     report: { thumbnail: 64, top_prompts: 6 },
-  };
-  const cfg = parseEvalConfig(raw, csv);
-  const result = await runEval(cfg, {
+  });
+  const runOpts = {
     ...(o.signal === undefined ? {} : { signal: o.signal }),
     ...(o.progress === false ? { progress: false as const } : {}),
     ...(o.log === undefined ? {} : { log: o.log }),
+  };
+  const workers = Math.max(1, o.workers ?? 1);
+  if (workers === 1) {
+    const result = await runEval(parseEvalConfig(raw(o.outputDir), csv), runOpts);
+    return { rows: [...(await readRowsFile(result.rowsFile)).rows], interrupted: result.interrupted };
+  }
+  const parts = Array.from({ length: workers }, (_, i) => path.join(o.outputDir, `part-${i}`));
+  const children = parts.slice(1).map(async (dir, k) => {
+    const file = path.join(o.outputDir, `part-${k + 1}.json`);
+    const json = JSON.stringify(raw(dir), null, 2);
+    await writeFileAtomic(file, async (h) => {
+      await h.writeFile(json);
+    });
+    await runSdwbChild(['eval', 'run', file, '--shard', `${k + 1}/${workers}`], path.join(o.outputDir, `part-${k + 1}.log`), o.signal);
   });
-  const { rows } = await readRowsFile(result.rowsFile);
-  return { rows: [...rows], result };
+  const mine = runEval(parseEvalConfig(raw(parts[0]!), csv), { ...runOpts, shard: { index: 0, count: workers } });
+  const [first] = await Promise.all([mine, ...children]);
+  if (first.interrupted || o.signal?.aborted === true) return { rows: [], interrupted: true };
+  await mergeRuns(parts, o.outputDir);
+  return { rows: [...(await readRowsFile(merged)).rows], interrupted: false };
 }
 
 /** Whether a row's image shows its label's value for one head (false when the label has none). */
