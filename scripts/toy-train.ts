@@ -42,7 +42,7 @@ const { values } = parseArgs({
     count: { type: 'string', default: '20000' },
     'per-shape': { type: 'string', default: '12' },
     images: { type: 'string', default: '5' },
-    guidances: { type: 'string', default: '2,3,4,5,7.5' },
+    guidances: { type: 'string', default: '3,5,7.5,10' },
     'skip-curve': { type: 'boolean', default: false },
     // Measures the finetune checkpoints written so far (while another process trains) and exits.
     'measure-checkpoints': { type: 'boolean', default: false },
@@ -132,16 +132,22 @@ async function vaeCheck(model: string, n: number): Promise<Record<string, number
   const sd = await loadStableDiffusion(model);
   const samples = toySamples({ seed: 7, split: 'all', size: 32, count: n });
   const t = imageToTensor(samples.map((s) => s.image));
-  const recon = tf.tidy(() => {
-    const x = tf.tensor4d(t.data, t.shape);
-    const post = vaeEncode(tfOps, sd.vae.store.scope(), x, sd.vae.cfg);
-    return vaeDecode(tfOps, sd.vae.store.scope(), post.mean, sd.vae.cfg);
-  });
-  const data = (await recon.data()) as Float32Array;
+  // In chunks: the wasm heap (4 GB) does not hold 512 images' activations at once.
+  const per = t.data.length / n;
+  const data = new Float32Array(t.data.length);
+  for (let at = 0; at < n; at += 32) {
+    const k = Math.min(32, n - at);
+    const recon = tf.tidy(() => {
+      const x = tf.tensor4d(t.data.subarray(at * per, (at + k) * per), [k, t.shape[1], t.shape[2], t.shape[3]]);
+      const post = vaeEncode(tfOps, sd.vae.store.scope(), x, sd.vae.cfg);
+      return vaeDecode(tfOps, sd.vae.store.scope(), post.mean, sd.vae.cfg);
+    });
+    data.set(recon.dataSync(), at * per);
+    recon.dispose();
+  }
   let se = 0;
   for (let i = 0; i < data.length; i++) se += (Math.max(-1, Math.min(1, data[i]!)) - t.data[i]!) ** 2;
   const images = tensorToImage(data, t.shape);
-  recon.dispose();
   const probs = classifyBatch(classifier, images);
   const out: Record<string, number> = { mse: se / data.length, images: n };
   for (const h of HEAD_NAMES) {
@@ -150,6 +156,15 @@ async function vaeCheck(model: string, n: number): Promise<Record<string, number
       const p = probs[h][i]!;
       return labels[p.indexOf(Math.max(...p))] === s.scene[h];
     }).length / n;
+  }
+  // Per style: textures are what a blurry VAE loses first.
+  const styles = HEADS.style as readonly string[];
+  for (const st of styles) {
+    const idx = samples.map((s, i) => [s, i] as const).filter(([s]) => s.scene.style === st);
+    out[`style_${st}_accuracy`] = idx.filter(([, i]) => {
+      const p = probs.style[i]!;
+      return styles[p.indexOf(Math.max(...p))] === st;
+    }).length / idx.length;
   }
   disposeStableDiffusion(sd);
   return out;
@@ -168,7 +183,7 @@ interface BaseAccuracy {
 /** Shape accuracy per shape and colour accuracy per colour of a model's images of full captions. */
 async function baseAccuracy(model: string, outDir: string, guidance: number, perShape: number, images: number): Promise<BaseAccuracy> {
   const prompts: ToyPrompt[] = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape, styles: PRETRAIN_STYLES, seed: 1 });
-  const { rows } = await runToyEval({ models: [{ name: 'base', model }], prompts, outputDir: outDir, imagesPerPrompt: images, guidance, steps: SAMPLE_STEPS, backend: 'wasm', log });
+  const { rows } = await runToyEval({ models: [{ name: 'base', model }], prompts, outputDir: outDir, imagesPerPrompt: images, guidance, steps: SAMPLE_STEPS, backend: 'wasm', log, workers: measureOnly ? 1 : 2 });
   const rate = (head: Head) =>
     Object.fromEntries(
       [...groupRows(rows, (r) => parseTargetLabel(r.label ?? '')[head] ?? '?')].map(([k, g]) => [

@@ -9,8 +9,10 @@ import { mkdtemp, readFile, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
+import sharp from 'sharp';
 import { describe, expect, it } from 'vitest';
 
+import { readRowsFile } from '../../src/eval/rows.js';
 import type { DemoResults } from '../../src/toy/demo.js';
 import { runSdwb } from '../helpers/cli.js';
 
@@ -32,7 +34,15 @@ describe('sdwb demo', () => {
     };
     expect(rate('esd.shape.circle')).toBeLessThan(rate('base.shape.circle'));
     expect(rate('ti.shape')).toBeGreaterThan(rate('base.ti_prompts'));
-    expect(rate('hypernetwork-1.style')).toBeGreaterThan(rate('hypernetwork-0.style'));
+    // The hypernetwork at strength 0 is the base model, image for image; at strength 1 it changes them.
+    const hn = (await readRowsFile(path.join(saved.eval_dirs['hypernetwork']!, 'rows.jsonl'))).rows;
+    // (Pixels, not file hashes: each PNG's parameters chunk names its add-ons.)
+    const pixels = async (m: string) =>
+      Promise.all(hn.filter((x) => x.model === m).map(async (x) => (await sharp(path.join(saved.eval_dirs['hypernetwork']!, x.file)).raw().toBuffer()).toString('base64')));
+    const base = await pixels('base');
+    expect(base.length).toBeGreaterThan(0);
+    expect(await pixels('hypernetwork-0')).toEqual(base);
+    expect((await pixels('hypernetwork-1')).filter((p, i) => p !== base[i]).length).toBeGreaterThan(base.length / 2);
     expect(rate('dreambooth.identifier')).toBeGreaterThan(rate('base.identifier'));
 
     // A fast run's rows are below the 50-image floor, so it never claims the bars.
