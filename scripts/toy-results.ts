@@ -62,8 +62,8 @@ try {
     const t = c.id === 'base.shapes_at_80' ? String(c.threshold) : pct(c.threshold);
     out.push(`| ${c.id}: ${c.description} | ${v} | ${c.op} ${t} | ${c.images} | ${c.pass ? 'pass' : c.met ? 'met, too few images' : '**fail**'} |`);
   }
-  out.push('', '| row | what | rate | hits / images |', '|---|---|---|---|');
-  for (const [k, r] of Object.entries(d.rows)) out.push(`| ${k} | ${r.what} | ${pct(r.rate)} | ${r.hits} / ${r.images} |`);
+  out.push('', '| row | what | rate | hits / images | mean classifier probability of the target |', '|---|---|---|---|---|');
+  for (const [k, r] of Object.entries(d.rows)) out.push(`| ${k} | ${r.what} | ${pct(r.rate)} | ${r.hits} / ${r.images} | ${r.mean_score === undefined ? '' : r.mean_score.toFixed(4)} |`);
   out.push('', '| method | steps | time |', '|---|---|---|');
   for (const [k, m] of Object.entries(d.methods)) out.push(`| ${k} | ${m.steps} | ${m.seconds.toFixed(0)} s |`);
 } catch (e) {

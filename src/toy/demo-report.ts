@@ -35,7 +35,7 @@ export async function writeDemoReport(out: string, r: DemoResults, samplesPerRow
     )
     .join('\n');
   const rowTable = Object.entries(r.rows)
-    .map(([k, v]) => `<tr><td>${escapeHtml(k)}</td><td>${escapeHtml(v.what)}</td><td>${pct(v.rate)}</td><td>${v.hits}/${v.images}</td></tr>`)
+    .map(([k, v]) => `<tr><td>${escapeHtml(k)}</td><td>${escapeHtml(v.what)}</td><td>${pct(v.rate)}</td><td>${v.hits}/${v.images}</td><td>${v.mean_score === undefined ? '' : v.mean_score.toFixed(4)}</td></tr>`)
     .join('\n');
   const sections: string[] = [];
   for (const [name, dir] of Object.entries(r.eval_dirs)) {
@@ -72,7 +72,7 @@ tr.pass td:last-child{background:#d9f2d9}tr.fail td:last-child{background:#f7d4d
 Model <code>${escapeHtml(r.model)}</code>; sampling: ${escapeHtml(r.sampling.sampler)}, ${r.sampling.steps} steps, CFG ${r.sampling.guidance}, ${r.sampling.prompts_per_row} prompts × ${r.sampling.images_per_prompt} images per row. ${r.seconds.toFixed(0)} s.</p>
 <h2>Checks</h2><table><tr><th>id</th><th>what</th><th>value</th><th>bar</th><th>images</th><th>result</th></tr>
 ${checks}</table>
-<h2>Measured rows</h2><table><tr><th>row</th><th>what</th><th>rate</th><th>hits/images</th></tr>
+<h2>Measured rows</h2><table><tr><th>row</th><th>what</th><th>rate</th><th>hits/images</th><th>mean probability of the target</th></tr>
 ${rowTable}</table>
 <h2>Methods</h2><table><tr><th>method</th><th>steps</th><th>time</th><th>file</th></tr>
 ${methods}</table>

