@@ -29,7 +29,7 @@ import { writeToyDataset, toySamples } from '../src/toy/dataset.js';
 import { DEFAULT_CLASSIFIER_FILE } from '../src/toy/detector.js';
 import { groupRows, headHit, parseTargetLabel, runToyEval, scenePrompts, TOY_DETECTOR, type ToyPrompt } from '../src/toy/eval.js';
 import { readToyModelSpec, writeScratchModel } from '../src/toy/model.js';
-import { HELD_OUT, SHAPES, STYLES, COLOUR_NAMES, type Shape } from '../src/toy/world.js';
+import { COLOUR_NAMES, HELD_OUT, SHAPES, shapesOf, STYLES, stylesOf } from '../src/toy/world.js';
 
 const { values } = parseArgs({
   options: {
@@ -52,8 +52,8 @@ const work = values.work;
 const started = Date.now();
 const log = (m: string) => process.stderr.write(`[toy:train ${((Date.now() - started) / 60_000).toFixed(1)} min] ${m}\n`);
 const exists = (p: string) => stat(p).then(() => true, () => false);
-const PRETRAIN_SHAPES = SHAPES.filter((s) => s !== HELD_OUT.shape) as Shape[];
-const PRETRAIN_STYLES = STYLES.filter((s) => s !== HELD_OUT.style);
+const PRETRAIN_SHAPES = shapesOf('pretrain');
+const PRETRAIN_STYLES = stylesOf('pretrain');
 const SAMPLE_STEPS = 25;
 
 await initBackend({ backend: 'wasm', log });

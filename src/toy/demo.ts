@@ -21,7 +21,7 @@ import type { ResultRow } from '../eval/rows.js';
 import { runSdwbChild } from './child.js';
 import { writeToyDataset } from './dataset.js';
 import { accuracyOf, groupRows, headHit, labelRate, meanScore, rowHits, runToyEval, scenePrompts, TOY_DETECTOR, type Accuracy, type ToyEvalModel, type ToyPrompt } from './eval.js';
-import { captionOf, HELD_OUT, SHAPES, STYLES, type Scene, type Shape } from './world.js';
+import { captionOf, HELD_OUT, shapesOf, stylesOf, type Scene, type Shape } from './world.js';
 
 /** The toy model's sampling defaults (`assets/toy-sd/toy.json`, written by `npm run toy:train`). */
 export const toyDefaultsSchema = z.object({
@@ -43,8 +43,8 @@ export const TI_TOKEN = '<toy-heart>';
 export const DREAMBOOTH_PROMPT = 'a sks shape';
 export const DREAMBOOTH_CLASS_PROMPT = 'a shape';
 
-const PRETRAIN_SHAPES = SHAPES.filter((s) => s !== HELD_OUT.shape);
-const PRETRAIN_STYLES = STYLES.filter((s) => s !== HELD_OUT.style);
+const PRETRAIN_SHAPES = shapesOf('pretrain');
+const PRETRAIN_STYLES = stylesOf('pretrain');
 /** The smallest row the bars are judged on (issue #9: ≥ 50 generated images per row). */
 export const MIN_IMAGES = 50;
 
