@@ -7,12 +7,14 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import { nchwToNhwc } from '../io/layout.js';
+import { clipTextEncoder } from '../models/clip/text-encoder.js';
 import type { VaeConfig } from '../models/vae/config.js';
 import { vaeEncode } from '../models/vae/vae.js';
 import { tfOps } from '../ops/tfjs-ops.js';
 import type { Scope } from '../ops/scope.js';
+import type { StableDiffusion } from '../pipeline/load.js';
 import type { PredictionType } from '../schedulers/config.js';
-import { alphaBarAt, signalNoiseScales } from '../schedulers/ddpm.js';
+import { addNoise, alphaBarAt, signalNoiseScales, trainingTarget } from '../schedulers/ddpm.js';
 import type { NoiseSchedule } from '../schedulers/tables.js';
 import type { TrainRandom } from '../train/rng-state.js';
 import type { ImageBatch } from './types.js';
@@ -77,6 +79,28 @@ export interface WeightedDiffusionBatch {
   /** Text states [N, S, D] (frozen text encoder), or int32 ids [N, S] when the text encoder trains. */
   readonly text: tf.Tensor;
   readonly [key: string]: tf.Tensor;
+}
+
+/**
+ * The weighted batch of latents `x0` with their noise and timesteps; captions become text states
+ * now when the text encoder is frozen, or ids to encode inside the loss when it trains.
+ */
+export function weightedDiffusionBatch(
+  model: Pick<StableDiffusion, 'tokenizer' | 'text'>,
+  schedule: NoiseSchedule,
+  prediction: PredictionType,
+  d: { readonly x0: tf.Tensor; readonly noise: tf.Tensor; readonly timesteps: readonly number[]; readonly weights: readonly number[]; readonly captions: readonly string[]; readonly textTrains: boolean },
+): WeightedDiffusionBatch {
+  const rows = d.captions.map((caption) => model.tokenizer.encode(caption));
+  const ids = tf.tensor2d(rows.flat(), [rows.length, rows[0]!.length], 'int32');
+  const timesteps = [...d.timesteps];
+  return {
+    noisy: addNoise(tfOps, schedule, d.x0, d.noise, timesteps),
+    timesteps: tf.tensor1d(timesteps, 'float32'),
+    target: trainingTarget(tfOps, schedule, prediction, d.x0, d.noise, timesteps),
+    weights: tf.tensor1d([...d.weights], 'float32'),
+    text: d.textTrains ? ids : clipTextEncoder(tfOps, model.text.store.scope(), ids, model.text.cfg).lastHiddenState,
+  };
 }
 
 /** Σ_i weights_i · mean((pred_i − target_i)²). */

@@ -50,7 +50,6 @@ import { tfOps } from '../ops/tfjs-ops.js';
 import type { StableDiffusion } from '../pipeline/load.js';
 import { generate } from '../pipeline/txt2img.js';
 import type { PredictionType } from '../schedulers/config.js';
-import { addNoise, trainingTarget } from '../schedulers/ddpm.js';
 import { TorchGenerator } from '../schedulers/rng.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkpointBlocks, type WrapBlock } from '../train/checkpointing.js';
@@ -70,7 +69,7 @@ import {
 } from './lora.js';
 import { checkLoraAgainstModel, loraModulesAsAdapters, readLoraFile, writeLoraFile, type LoraFileContent, type LoraModuleData } from './lora-files.js';
 import type { AppliedArtifact, Artifact, ModelPatch, ParamOverride, StepCtx, TrainingMethod } from './types.js';
-import { drawTrainingNoise, minSnrWeight, posteriorMoments, weightedMse, type WeightedDiffusionBatch } from './diffusion-batch.js';
+import { drawTrainingNoise, minSnrWeight, posteriorMoments, weightedDiffusionBatch, weightedMse, type WeightedDiffusionBatch } from './diffusion-batch.js';
 
 export { minSnrWeight } from './diffusion-batch.js';
 
@@ -653,18 +652,7 @@ export const dreambooth: TrainingMethod<DreamBoothConfig, DreamBoothState, Dream
     });
 
     // 5. Text: states now when the text encoder is frozen, ids for the loss otherwise.
-    const captions = [...images.captions, ...classCaptions];
-    const rows = captions.map((caption) => model.tokenizer.encode(caption));
-    const ids = tf.tensor2d(rows.flat(), [n, rows[0]!.length], 'int32');
-    const text = textTrains(s) ? ids : clipTextEncoder(tfOps, model.text.store.scope(), ids, model.text.cfg).lastHiddenState;
-
-    return {
-      noisy: addNoise(tfOps, s.schedule, x0, noise, timesteps),
-      timesteps: tf.tensor1d(timesteps, 'float32'),
-      target: trainingTarget(tfOps, s.schedule, s.prediction, x0, noise, timesteps),
-      weights: tf.tensor1d(weights, 'float32'),
-      text,
-    };
+    return weightedDiffusionBatch(model, s.schedule, s.prediction, { x0, noise, timesteps, weights, captions: [...images.captions, ...classCaptions], textTrains: textTrains(s) });
   },
 
   loss(_ctx: StepCtx, s, batch) {

@@ -27,13 +27,12 @@ import type { Scope } from '../ops/scope.js';
 import { tfOps } from '../ops/tfjs-ops.js';
 import type { StableDiffusion } from '../pipeline/load.js';
 import type { PredictionType } from '../schedulers/config.js';
-import { addNoise, trainingTarget } from '../schedulers/ddpm.js';
 import { noiseSchedule, type NoiseSchedule } from '../schedulers/tables.js';
 import { checkCommonFields, commonFields, dataField } from '../train/config.js';
 import { copyAsVariables, variableRefs } from './dreambooth.js';
 import { patchedScope } from './lora.js';
 import type { Artifact, ModelPatch, ParamOverride, StepCtx, TrainingMethod } from './types.js';
-import { drawTrainingNoise, minSnrWeight, posteriorMoments, weightedMse, type WeightedDiffusionBatch } from './diffusion-batch.js';
+import { drawTrainingNoise, minSnrWeight, posteriorMoments, weightedDiffusionBatch, weightedMse, type WeightedDiffusionBatch } from './diffusion-batch.js';
 import { samplePosterior } from '../models/vae/vae.js';
 
 const stem = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]*$/, 'expected a file-name-safe word (letters, digits, . _ -)');
@@ -144,17 +143,7 @@ export const finetune: TrainingMethod<FinetuneConfig, FinetuneState, FinetuneBat
 
     // 3. Weights, then text: ids when the text encoder trains (encoded in the loss), else states now.
     const weights = timesteps.map((t) => (cfg.snr_gamma === null ? 1 : minSnrWeight(s.schedule, t, cfg.snr_gamma, s.prediction)) / b);
-    const rows = images.captions.map((caption) => model.tokenizer.encode(caption));
-    const ids = tf.tensor2d(rows.flat(), [b, rows[0]!.length], 'int32');
-    const text = s.text.size > 0 ? ids : clipTextEncoder(tfOps, model.text.store.scope(), ids, model.text.cfg).lastHiddenState;
-
-    return {
-      noisy: addNoise(tfOps, s.schedule, x0, noise, timesteps),
-      timesteps: tf.tensor1d(timesteps, 'float32'),
-      target: trainingTarget(tfOps, s.schedule, s.prediction, x0, noise, timesteps),
-      weights: tf.tensor1d(weights, 'float32'),
-      text,
-    };
+    return weightedDiffusionBatch(model, s.schedule, s.prediction, { x0, noise, timesteps, weights, captions: images.captions, textTrains: s.text.size > 0 });
   },
 
   loss(_ctx: StepCtx, s, batch) {
