@@ -16,7 +16,7 @@ import { parseArgs } from 'node:util';
 import * as tf from '@tensorflow/tfjs';
 
 import { initBackend } from '../src/backend.js';
-import { writeFileAtomic } from '../src/io/atomic.js';
+import { writeTextAtomic } from '../src/io/atomic.js';
 import { imageToTensor, tensorToImage, vaeDecode, vaeEncode } from '../src/models/vae/vae.js';
 import { tfOps } from '../src/ops/tfjs-ops.js';
 import { disposeStableDiffusion, loadStableDiffusion } from '../src/pipeline/load.js';
@@ -211,9 +211,7 @@ const previous = (await exists(summaryFile)) ? (JSON.parse(await readFile(summar
 const save = async (s: Record<string, unknown>) => {
   await mkdir(work, { recursive: true });
   const text = `${JSON.stringify(s, null, 2)}\n`;
-  await writeFileAtomic(summaryFile, async (h) => {
-    await h.writeFile(text);
-  });
+  await writeTextAtomic(summaryFile, text);
 };
 const summary: Record<string, unknown> = { ...previous };
 
@@ -292,7 +290,7 @@ const files: [string, string][] = [
   ['vae-decoder.yaml', await readFile(values['decoder-config'], 'utf8')],
   ['finetune.yaml', await readFile(values['finetune-config'], 'utf8')],
 ];
-for (const [name, text] of files) await writeFileAtomic(path.join(staging, name), async (h) => void (await h.writeFile(text)));
+for (const [name, text] of files) await writeTextAtomic(path.join(staging, name), text);
 await rm(out, { recursive: true, force: true });
 await rename(staging, out);
 log(`wrote ${out}`);

@@ -32,6 +32,13 @@ export async function writeFileAtomic(path: string, write: (handle: FileHandle) 
   }
 }
 
+/** Writes a text file atomically (see {@link writeFileAtomic}). */
+export function writeTextAtomic(path: string, text: string): Promise<void> {
+  return writeFileAtomic(path, async (handle) => {
+    await handle.writeFile(text);
+  });
+}
+
 // Persists the rename itself. Best effort: some platforms (Windows) cannot open folders for fsync,
 // and the data is already safe at this point.
 async function syncFolder(folder: string): Promise<void> {

@@ -7,7 +7,7 @@ import path from 'node:path';
 
 import { escapeHtml, thumbnailDataUri } from '../eval/report.js';
 import { readRowsFile } from '../eval/rows.js';
-import { writeFileAtomic } from '../io/atomic.js';
+import { writeTextAtomic } from '../io/atomic.js';
 import { MIN_IMAGES, type DemoResults } from './demo.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -80,8 +80,6 @@ ${sections.join('\n')}
 </body></html>
 `;
   const file = path.join(out, 'report.html');
-  await writeFileAtomic(file, async (h) => {
-    await h.writeFile(html);
-  });
+  await writeTextAtomic(file, html);
   return file;
 }

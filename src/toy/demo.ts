@@ -12,7 +12,7 @@ import path from 'node:path';
 
 import { z } from 'zod';
 
-import { writeFileAtomic } from '../io/atomic.js';
+import { writeTextAtomic } from '../io/atomic.js';
 import { trainingConfigSchema } from '../methods/registry.js';
 import { parseTrainingConfig, type RawConfig } from '../train/config.js';
 import { train } from '../train/loop.js';
@@ -127,9 +127,7 @@ export async function readToyDefaults(model: string): Promise<ToyDefaults> {
 
 async function writeJson(file: string, value: unknown): Promise<void> {
   const text = `${JSON.stringify(value, null, 2)}\n`;
-  await writeFileAtomic(file, async (h) => {
-    await h.writeFile(text);
-  });
+  await writeTextAtomic(file, text);
 }
 
 /** The training datasets: held-out shape, held-out style, one specific object. */
@@ -259,9 +257,7 @@ async function trainMethod(id: string, raw: RawConfig, o: DemoOptions, log: (m: 
     await mkdir(dir, { recursive: true });
     const cfgFile = path.join(dir, 'demo-config.json');
     const json = JSON.stringify(raw, null, 2);
-    await writeFileAtomic(cfgFile, async (h) => {
-      await h.writeFile(json);
-    });
+    await writeTextAtomic(cfgFile, json);
     const logFile = path.join(dir, 'train.log');
     log(`${id}: training ${config.steps} steps in a child process → ${dir} (log ${logFile})`);
     await runSdwbChild(['train', cfgFile, ...(hasCheckpoint ? ['--resume'] : [])], logFile, o.signal);

@@ -10,7 +10,7 @@ import { parseEvalConfig, type EvalConfig, type ModelEntry } from '../eval/confi
 import { readRowsFile, type ResultRow } from '../eval/rows.js';
 import { mergeRuns } from '../eval/merge.js';
 import { runEval } from '../eval/runner.js';
-import { writeFileAtomic } from '../io/atomic.js';
+import { writeTextAtomic } from '../io/atomic.js';
 import { HEAD_NAMES, HEADS, type Head } from './classifier.js';
 import { SeededRandom } from '../data/rng.js';
 import { runSdwbChild } from './child.js';
@@ -148,9 +148,7 @@ export async function runToyEval(o: ToyEvalOptions): Promise<{ rows: ResultRow[]
   const merged = path.join(o.outputDir, 'rows.jsonl');
   const csv = path.join(o.outputDir, 'prompts.csv');
   const text = promptsCsv(o.prompts);
-  await writeFileAtomic(csv, async (h) => {
-    await h.writeFile(text);
-  });
+  await writeTextAtomic(csv, text);
   const classifier = o.classifier ?? (await bundledClassifierFile());
   const raw = (outputDir: string) => ({
     prompts: { csv, columns: { label: 'label' } },
@@ -178,9 +176,7 @@ export async function runToyEval(o: ToyEvalOptions): Promise<{ rows: ResultRow[]
   const children = parts.slice(1).map(async (dir, k) => {
     const file = path.join(o.outputDir, `part-${k + 1}.json`);
     const json = JSON.stringify(raw(dir), null, 2);
-    await writeFileAtomic(file, async (h) => {
-      await h.writeFile(json);
-    });
+    await writeTextAtomic(file, json);
     await runSdwbChild(['eval', 'run', file, '--shard', `${k + 1}/${workers}`], path.join(o.outputDir, `part-${k + 1}.log`), o.signal);
   });
   const mine = runEval(parseEvalConfig(raw(parts[0]!), csv), { ...runOpts, shard: { index: 0, count: workers } });
