@@ -174,8 +174,9 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       preset: 'esd-2024',
       // ESD-x on K/V only (esd_sd.py's esd-x-strict). Measured on the session-2 toy model (12 images
       // per shape): all of attn2 at 2e-3 erased circles but took the other shapes' mean from 81 % to
-      // 48 %; K/V only at 2e-3 kept the others (81 % → 83 %) — the query and output projections act
-      // on every prompt alike, K/V only through the text states the erasure moved.
+      // 48 %; K/V only at 2e-3 kept them on those 12 images (81 % → 83 %) and costs 11 points on the
+      // demo's 50 (circles 92 % → 28 %): the query and output projections act on every prompt alike,
+      // K/V only through the text states the erasure moved (sweep: docs/results.md).
       parameters: 'esd-x-strict',
       concept: circleCaptions.join('|'),
       separator: '|',
