@@ -35,4 +35,4 @@ await writeToyDataset({
   count,
   onProgress: (n) => process.stderr.write(`\r${n}/${count}`),
 });
-process.stderr.write(`\rwrote ${count} ${size}×${size} ${split} images to ${values.out} in ${((Date.now() - started) / 1000).toFixed(1)} s (held out of pretraining: shape ${HELD_OUT.shape}, style ${HELD_OUT.style})\n`);
+process.stderr.write(`\rwrote ${count} ${size}×${size} ${split} images to ${values.out} in ${((Date.now() - started) / 1000).toFixed(1)} s (pretraining draws ${HELD_OUT.shape} unnamed and never ${HELD_OUT.style})\n`);

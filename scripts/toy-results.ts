@@ -26,7 +26,9 @@ interface Base {
 }
 interface Summary {
   vae_check?: Record<string, number>;
+  vae_all_check?: Record<string, number>;
   vae_decoder_check?: Record<string, number>;
+  vae_stage?: { steps?: number; all_concepts_steps?: number };
   curve?: Record<string, Base>;
   guidance_search?: Record<string, Base>;
   base?: Base;
@@ -38,7 +40,12 @@ const out: string[] = [];
 
 out.push('### VAE: classifier accuracy on reconstructions of 512 fresh scenes (all concepts)', '');
 out.push('| VAE | MSE | shape | colour | style | solid | striped | dotted | outlined | checkered |', '|---|---|---|---|---|---|---|---|---|---|');
-for (const [name, v] of [['stage 1 (encoder + decoder, 800 steps)', s.vae_check], ['+ decoder fine-tune (1,200 steps)', s.vae_decoder_check]] as const) {
+const steps = (stage: { steps?: number } | undefined) => (stage?.steps === undefined ? '' : `, ${stage.steps} steps`);
+for (const [name, v] of [
+  [`stage 1: encoder + decoder, pretraining split${steps(s.vae_stage)}`, s.vae_check],
+  [`stage 1b: encoder + decoder, every concept${steps({ steps: s.vae_stage?.all_concepts_steps })}`, s.vae_all_check],
+  ['decoder fine-tune, every concept', s.vae_decoder_check],
+] as const) {
   if (v === undefined) continue;
   out.push(`| ${name} | ${v['mse']!.toFixed(4)} | ${pct(v['shape_accuracy'])} | ${pct(v['colour_accuracy'])} | ${pct(v['style_accuracy'])} | ${['solid', 'striped', 'dotted', 'outlined', 'checkered'].map((st) => pct(v[`style_${st}_accuracy`])).join(' | ')} |`);
 }

@@ -3,10 +3,12 @@
  *   npm run toy:train [-- --work tmp/toy --out assets/toy-sd]
  * Stages (each skipped when its output exists; an interrupted training stage resumes from its
  * last checkpoint): procedural data → from-scratch init → VAE (`configs/toy/vae.yaml`) → UNet +
- * text encoder (`configs/toy/finetune.yaml`), with the VAE decoder fine-tuned beside it on the
- * second core (`configs/toy/vae-decoder.yaml`, a child process) → classifier measurements (VAE reconstructions,
- * accuracy of every finetune checkpoint, CFG scale choice, final base accuracy) → the diffusers
- * folder `assets/toy-sd/` with `toy.json` (sampling defaults) and `summary.json`.
+ * text encoder on its latents (`configs/toy/finetune.yaml`), while a child process on the second
+ * core continues the VAE on every concept (`configs/toy/vae-all.yaml`) and then fine-tunes that
+ * VAE's decoder (`configs/toy/vae-decoder.yaml`) → the UNet + text encoder continued on the
+ * all-concepts VAE's latents (`configs/toy/finetune-adapt.yaml`) → classifier measurements (VAE
+ * reconstructions, accuracy of every stage-2 checkpoint, CFG scale choice, final base accuracy) →
+ * the diffusers folder `assets/toy-sd/` with `toy.json` (sampling defaults) and `summary.json`.
  * Budget and reasoning: docs/toy-plan.md; results: docs/results.md.
  */
 import { cp, mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
@@ -29,7 +31,7 @@ import { writeToyDataset, toySamples } from '../src/toy/dataset.js';
 import { DEFAULT_CLASSIFIER_FILE } from '../src/toy/detector.js';
 import { groupRows, headHit, parseTargetLabel, runToyEval, scenePrompts, TOY_DETECTOR, type ToyPrompt } from '../src/toy/eval.js';
 import { readToyModelSpec, writeScratchModel } from '../src/toy/model.js';
-import { COLOUR_NAMES, HELD_OUT, SHAPES, shapesOf, STYLES, stylesOf } from '../src/toy/world.js';
+import { COLOUR_NAMES, HELD_OUT, NAMED_SHAPES, SHAPES, STYLES, stylesOf } from '../src/toy/world.js';
 
 const { values } = parseArgs({
   options: {
@@ -37,7 +39,9 @@ const { values } = parseArgs({
     out: { type: 'string', default: 'assets/toy-sd' },
     spec: { type: 'string', default: 'configs/toy/model.yaml' },
     'vae-config': { type: 'string', default: 'configs/toy/vae.yaml' },
+    'vae-all-config': { type: 'string', default: 'configs/toy/vae-all.yaml' },
     'finetune-config': { type: 'string', default: 'configs/toy/finetune.yaml' },
+    'adapt-config': { type: 'string', default: 'configs/toy/finetune-adapt.yaml' },
     'decoder-config': { type: 'string', default: 'configs/toy/vae-decoder.yaml' },
     count: { type: 'string', default: '20000' },
     'per-shape': { type: 'string', default: '12' },
@@ -52,7 +56,6 @@ const work = values.work;
 const started = Date.now();
 const log = (m: string) => process.stderr.write(`[toy:train ${((Date.now() - started) / 60_000).toFixed(1)} min] ${m}\n`);
 const exists = (p: string) => stat(p).then(() => true, () => false);
-const PRETRAIN_SHAPES = shapesOf('pretrain');
 const PRETRAIN_STYLES = stylesOf('pretrain');
 const SAMPLE_STEPS = 25;
 
@@ -67,7 +70,7 @@ if (!(await exists(path.join(dataDir, 'dataset.json')))) {
 }
 const dataAllDir = path.join(work, 'data-all');
 if (!(await exists(path.join(dataAllDir, 'dataset.json')))) {
-  log(`data: ${count} scenes of every concept (VAE decoder) → ${dataAllDir}`);
+  log(`data: ${count} scenes of every concept (VAE stages 1b and decoder) → ${dataAllDir}`);
   await writeToyDataset({ dir: dataAllDir, seed: 1, split: 'all', size: 32, count });
 }
 const scratch = path.join(work, 'scratch');
@@ -91,24 +94,54 @@ async function stage(configFile: string, overrides: readonly string[]): Promise<
   return { dir, model, steps: config.steps, seconds: (Date.now() - t0) / 1000 };
 }
 const measureOnly = values['measure-checkpoints'];
+const firstVaeModel = path.join(work, 'vae', 'model');
+const vaeAllModel = path.join(work, 'vae-all', 'model');
 const decoderDir = path.join(work, 'vae-decoder');
-let vae: { model: string; steps: number };
-let fine: { dir: string; model: string; steps: number };
-if (measureOnly) {
-  vae = { model: path.join(work, 'vae', 'model'), steps: 0 };
-  fine = { dir: path.join(work, 'finetune'), model: path.join(work, 'finetune', 'model'), steps: 0 };
-  for (const m of [vae.model, path.join(decoderDir, 'model')]) if (!(await exists(path.join(m, 'model_index.json')))) throw new Error(`--measure-checkpoints: ${m} is not there yet`);
-} else {
-  vae = await stage(values['vae-config'], [`model=${scratch}`, `output_dir=${path.join(work, 'vae')}`, `data.dir=${dataDir}`]);
-  // The decoder stage only needs the VAE: it runs in a child process (wasm uses one core) while
-  // the UNet trains here.
-  const decoderSets = [`model=${vae.model}`, `output_dir=${decoderDir}`, `data.dir=${dataAllDir}`];
-  const decoderDone = exists(path.join(decoderDir, 'model', 'model_index.json')).then((done) => (done ? 0 : runChildStage(values['decoder-config'], decoderSets, path.join(work, 'vae-decoder.log'))));
-  fine = await stage(values['finetune-config'], [`model=${vae.model}`, `output_dir=${path.join(work, 'finetune')}`, `data.dir=${dataDir}`]);
-  const decoderCode = await decoderDone;
-  if (decoderCode !== 0) throw new Error(`VAE decoder stage failed (exit ${decoderCode}); see ${path.join(work, 'vae-decoder.log')}; run npm run toy:train again to resume`);
-}
 const decoderModel = path.join(decoderDir, 'model');
+let firstVaeSteps = 0;
+let vaeAllSteps = 0;
+let fine: { dir: string; model: string; steps: number };
+let adapt: { dir: string; model: string; steps: number } | undefined;
+if (measureOnly) {
+  fine = { dir: path.join(work, 'finetune'), model: path.join(work, 'finetune', 'model'), steps: 0 };
+  if (!(await exists(path.join(firstVaeModel, 'model_index.json')))) throw new Error(`--measure-checkpoints: ${firstVaeModel} is not there yet`);
+} else {
+  const first = await stage(values['vae-config'], [`model=${scratch}`, `output_dir=${path.join(work, 'vae')}`, `data.dir=${dataDir}`]);
+  firstVaeSteps = first.steps;
+  // The VAE stages after the first only need it: they run in a child process (wasm uses one core)
+  // while the UNet trains here.
+  const vaeAllSets = [`model=${first.model}`, `output_dir=${path.join(work, 'vae-all')}`, `data.dir=${dataAllDir}`];
+  const decoderSets = [`model=${vaeAllModel}`, `output_dir=${decoderDir}`, `data.dir=${dataAllDir}`];
+  const childLane = (async () => {
+    for (const [config, sets, model, logName] of [
+      [values['vae-all-config'], vaeAllSets, vaeAllModel, 'vae-all.log'],
+      [values['decoder-config'], decoderSets, decoderModel, 'vae-decoder.log'],
+    ] as const) {
+      if (await exists(path.join(model, 'model_index.json'))) continue;
+      const code = await runChildStage(config, sets, path.join(work, logName));
+      if (code !== 0) return `${config} failed (exit ${code}); see ${path.join(work, logName)}; run npm run toy:train again to resume`;
+    }
+    return undefined;
+  })();
+  fine = await stage(values['finetune-config'], [`model=${first.model}`, `output_dir=${path.join(work, 'finetune')}`, `data.dir=${dataDir}`]);
+  const childError = await childLane;
+  if (childError !== undefined) throw new Error(childError);
+  vaeAllSteps = (await loadTrainingConfig(values['vae-all-config'], vaeAllSets, trainingConfigSchema())).config.steps;
+  const adaptBase = await withVae(fine.model, vaeAllModel, path.join(work, 'adapt-base'));
+  adapt = await stage(values['adapt-config'], [`model=${adaptBase}`, `output_dir=${path.join(work, 'finetune-adapt')}`, `data.dir=${dataDir}`]);
+}
+
+/** A model folder made of `model` with the VAE of `vaeModel` (written once, by rename). */
+async function withVae(model: string, vaeModel: string, target: string): Promise<string> {
+  if (await exists(path.join(target, 'model_index.json'))) return target;
+  const staging = `${target}.staging`;
+  await rm(staging, { recursive: true, force: true });
+  await cp(model, staging, { recursive: true });
+  await rm(path.join(staging, 'vae'), { recursive: true });
+  await cp(path.join(vaeModel, 'vae'), path.join(staging, 'vae'), { recursive: true });
+  await rename(staging, target);
+  return target;
+}
 
 /** `sdwb train <config>` in a child process (resuming when checkpoints exist); resolves to its exit code. */
 async function runChildStage(configFile: string, sets: readonly string[], logFile: string): Promise<number> {
@@ -182,7 +215,7 @@ interface BaseAccuracy {
 
 /** Shape accuracy per shape and colour accuracy per colour of a model's images of full captions. */
 async function baseAccuracy(model: string, outDir: string, guidance: number, perShape: number, images: number): Promise<BaseAccuracy> {
-  const prompts: ToyPrompt[] = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape, styles: PRETRAIN_STYLES, seed: 1 });
+  const prompts: ToyPrompt[] = scenePrompts({ shapes: NAMED_SHAPES, perShape, styles: PRETRAIN_STYLES, seed: 1 });
   const { rows } = await runToyEval({ models: [{ name: 'base', model }], prompts, outputDir: outDir, imagesPerPrompt: images, guidance, steps: SAMPLE_STEPS, backend: 'wasm', log, workers: measureOnly ? 1 : 2 });
   const rate = (head: Head) =>
     Object.fromEntries(
@@ -215,8 +248,9 @@ const save = async (s: Record<string, unknown>) => {
 };
 const summary: Record<string, unknown> = { ...previous };
 
-for (const [key, model] of [['vae_check', vae.model], ['vae_decoder_check', decoderModel]] as const) {
+for (const [key, model] of [['vae_check', firstVaeModel], ['vae_all_check', vaeAllModel], ['vae_decoder_check', decoderModel]] as const) {
   if (summary[key] === undefined) {
+    if (measureOnly) continue;
     log(`${key}: reconstructions of 512 fresh scenes (held-out concepts included)`);
     summary[key] = await vaeCheck(model, 512);
     await save(summary);
@@ -224,24 +258,13 @@ for (const [key, model] of [['vae_check', vae.model], ['vae_decoder_check', deco
   log(`${key}: ${JSON.stringify(summary[key])}`);
 }
 
-/** A model folder made of `model` with the fine-tuned decoder's VAE (what gets committed). */
-async function withDecoder(model: string, target: string): Promise<string> {
-  if (await exists(path.join(target, 'model_index.json'))) return target;
-  const staging = `${target}.staging`;
-  await rm(staging, { recursive: true, force: true });
-  await cp(model, staging, { recursive: true });
-  await rm(path.join(staging, 'vae'), { recursive: true });
-  await cp(path.join(decoderModel, 'vae'), path.join(staging, 'vae'), { recursive: true });
-  await rename(staging, target);
-  return target;
-}
-
 const perShape = Number(values['per-shape']);
 const images = Number(values.images);
 const guidances = values.guidances.split(',').map(Number);
 const defaultGuidance = 4;
 
-// Accuracy against training steps, from the checkpoints' model folders.
+// Accuracy against training steps, from the stage-2 checkpoints' model folders (their own VAE,
+// whose latents they were trained on).
 if (!values['skip-curve']) {
   const curve = (summary['curve'] as Record<string, BaseAccuracy> | undefined) ?? {};
   const checkpoints = (await readdir(fine.dir)).filter((f) => /^checkpoint-\d+$/.test(f)).sort((a, b) => Number(a.slice(11)) - Number(b.slice(11)));
@@ -249,15 +272,15 @@ if (!values['skip-curve']) {
     const step = c.slice(11);
     if (curve[step] !== undefined) continue;
     log(`curve: ${c} at CFG ${defaultGuidance}`);
-    const model = await withDecoder(path.join(fine.dir, c, 'model'), path.join(work, 'curve-models', step));
+    const model = path.join(fine.dir, c, 'model');
     curve[step] = await baseAccuracy(model, path.join(evalDir, `curve-${step}`), defaultGuidance, Math.max(2, Math.round(perShape / 4)), images);
     summary['curve'] = curve;
     await save(summary);
   }
 }
 
-if (measureOnly) process.exit(0);
-const final = await withDecoder(fine.model, path.join(work, 'final'));
+if (measureOnly || adapt === undefined) process.exit(0);
+const final = await withVae(adapt.model, decoderModel, path.join(work, 'final'));
 
 // CFG scale: the one with the best mean shape accuracy (ties: the smaller scale).
 const byGuidance = (summary['guidance_search'] as Record<string, BaseAccuracy> | undefined) ?? {};
@@ -284,11 +307,13 @@ for (const keep of ['classifier.safetensors']) if (await exists(path.join(out, k
 const toy = { guidance: best.guidance, steps: SAMPLE_STEPS, sampler: 'ddim', size: 32, held_out: HELD_OUT, shapes: SHAPES, colours: COLOUR_NAMES, styles: STYLES };
 const files: [string, string][] = [
   ['toy.json', `${JSON.stringify(toy, null, 2)}\n`],
-  ['summary.json', `${JSON.stringify({ ...summary, vae_stage: { steps: vae.steps }, finetune_stage: { steps: fine.steps }, reproduce: 'npm run toy:train' }, null, 2)}\n`],
+  ['summary.json', `${JSON.stringify({ ...summary, vae_stage: { steps: firstVaeSteps, all_concepts_steps: vaeAllSteps }, finetune_stage: { steps: fine.steps, adapt_steps: adapt.steps }, reproduce: 'npm run toy:train' }, null, 2)}\n`],
   ['model.yaml', await readFile(values.spec, 'utf8')],
   ['vae.yaml', await readFile(values['vae-config'], 'utf8')],
+  ['vae-all.yaml', await readFile(values['vae-all-config'], 'utf8')],
   ['vae-decoder.yaml', await readFile(values['decoder-config'], 'utf8')],
   ['finetune.yaml', await readFile(values['finetune-config'], 'utf8')],
+  ['finetune-adapt.yaml', await readFile(values['adapt-config'], 'utf8')],
 ];
 for (const [name, text] of files) await writeTextAtomic(path.join(staging, name), text);
 await rm(out, { recursive: true, force: true });

@@ -21,7 +21,7 @@ import type { ResultRow } from '../eval/rows.js';
 import { runSdwbChild } from './child.js';
 import { writeToyDataset } from './dataset.js';
 import { accuracyOf, groupRows, headHit, labelRate, meanScore, rowHits, runToyEval, scenePrompts, TOY_DETECTOR, type Accuracy, type ToyEvalModel, type ToyPrompt } from './eval.js';
-import { captionOf, HELD_OUT, shapesOf, stylesOf, type Scene, type Shape } from './world.js';
+import { captionOf, GENERIC_SHAPE_WORD, HELD_OUT, NAMED_SHAPES, stylesOf, type Scene, type Shape } from './world.js';
 
 /** The toy model's sampling defaults (`assets/toy-sd/toy.json`, written by `npm run toy:train`). */
 export const toyDefaultsSchema = z.object({
@@ -43,7 +43,6 @@ export const TI_TOKEN = '<toy-heart>';
 export const DREAMBOOTH_PROMPT = 'a sks shape';
 export const DREAMBOOTH_CLASS_PROMPT = 'a shape';
 
-const PRETRAIN_SHAPES = shapesOf('pretrain');
 const PRETRAIN_STYLES = stylesOf('pretrain');
 /** The smallest row the bars are judged on (issue #9: ≥ 50 generated images per row). */
 export const MIN_IMAGES = 50;
@@ -162,7 +161,7 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       learning_rate: 5e-3,
       num_vectors: 4,
       placeholder_token: TI_TOKEN,
-      initializer_token: 'shape',
+      initializer_token: GENERIC_SHAPE_WORD,
       template: 'none',
       save_formats: ['a1111_safetensors'],
       data: { dir: o.data.ti, resolution: 32 },
@@ -206,8 +205,8 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       adapter: 'lora',
       rank: 8,
       // UNet and text-encoder adapters: with the UNet alone, 300 steps bound "sks" to the colour
-      // only (21 %); with both, 500 steps reached 92 % colour on a 2,000-step toy model. On the
-      // final model, 1,000 steps drew the whole object 29 % of the time against 16 % for 500.
+      // only (21 %); with both, 500 steps reached 92 % colour on a 2,000-step toy model. On the session-2
+      // model, 1,000 steps drew the whole object 29 % of the time against 16 % for 500.
       train_text_encoder: true,
       steps: o.scale.steps.dreambooth,
       batch_size: 4,
@@ -336,9 +335,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
     return rows;
   };
   const base: ToyEvalModel = { name: 'base', model };
-  const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: PRETRAIN_SHAPES, perShape: n, styles: PRETRAIN_STYLES, seed: 1 }));
+  const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: NAMED_SHAPES, perShape: n, styles: PRETRAIN_STYLES, seed: 1 }));
   const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 }), HELD_OUT.shape, TI_TOKEN));
-  const styleless = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape: Math.ceil(n / PRETRAIN_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: `a ${p.target.colour} ${p.target.shape} on a ${p.target.background} background` }));
+  // What the initializer word alone draws: pretraining captioned hearts (and some other shapes) "shape".
+  const genericRows = await measure('generic-shape', [base], withToken(scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 }), HELD_OUT.shape, GENERIC_SHAPE_WORD));
+  const styleless = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.ceil(n / NAMED_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: `a ${p.target.colour} ${p.target.shape} on a ${p.target.background} background` }));
   const hnRows = await measure('hypernetwork', [
     base,
     { name: 'hypernetwork-1', model, hypernetwork: `${methods['hypernetwork']!.file}:1` },
@@ -346,7 +347,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   ], styleless);
   const sksPrompts: ToyPrompt[] = Array.from({ length: n }, (_, i) => ({ id: `sks-${i}`, prompt: DREAMBOOTH_PROMPT, target: { ...DREAMBOOTH_OBJECT }, seed: 500_000 + i }));
   const dbRows = await measure('dreambooth', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], sksPrompts);
-  const classPrompts = scenePrompts({ shapes: PRETRAIN_SHAPES, perShape: Math.max(1, Math.round(n / PRETRAIN_SHAPES.length)), styles: PRETRAIN_STYLES, seed: 5 });
+  const classPrompts = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.max(1, Math.round(n / NAMED_SHAPES.length)), styles: PRETRAIN_STYLES, seed: 5 });
   const classRows = await measure('dreambooth-class', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], classPrompts);
 
   // 3. Rows and checks.
@@ -359,12 +360,13 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
     put(`${label}.colour`, m, 'captions drawn in the requested colour', accuracyOf(byModel(shapeRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'colour')));
   }
   const others = (label: string) => {
-    const list = PRETRAIN_SHAPES.filter((s) => s !== ERASED_SHAPE).map((s) => rows[`${label}.shape.${s}`]!);
+    const list = NAMED_SHAPES.filter((s) => s !== ERASED_SHAPE).map((s) => rows[`${label}.shape.${s}`]!);
     return { rate: list.reduce((a, b) => a + b.rate, 0) / list.length, images: Math.min(...list.map((x) => x.images)) };
   };
   for (const [m, label] of [['base', 'base.ti_prompts'], ['ti', 'ti.shape']] as const) {
     put(label, m, `"${TI_TOKEN}" captions drawn as ${HELD_OUT.shape}${m === 'base' ? ' (no embedding: the tokenizer splits the token into pieces)' : ''}`, accuracyOf(byModel(tiRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')), meanScore(byModel(tiRows, m), TOY_DETECTOR, 'shape', HELD_OUT.shape));
   }
+  put('base.generic.shape', 'base', `"${GENERIC_SHAPE_WORD}" captions (the embedding's initializer word) drawn as ${HELD_OUT.shape}`, accuracyOf(genericRows, TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')), meanScore(genericRows, TOY_DETECTOR, 'shape', HELD_OUT.shape));
   put('base.hn_prompts.style', 'base', `style-less captions drawn ${HELD_OUT.style} (no hypernetwork)`, labelRate(byModel(hnRows, 'base'), TOY_DETECTOR, 'style', HELD_OUT.style), meanScore(byModel(hnRows, 'base'), TOY_DETECTOR, 'style', HELD_OUT.style));
   put('hypernetwork-1.style', 'hypernetwork-1', `style-less captions drawn ${HELD_OUT.style} (strength 1)`, labelRate(byModel(hnRows, 'hypernetwork-1'), TOY_DETECTOR, 'style', HELD_OUT.style), meanScore(byModel(hnRows, 'hypernetwork-1'), TOY_DETECTOR, 'style', HELD_OUT.style));
   put('hypernetwork-0.style', 'hypernetwork-0', `style-less captions drawn ${HELD_OUT.style} (strength 0)`, labelRate(byModel(hnRows, 'hypernetwork-0'), TOY_DETECTOR, 'style', HELD_OUT.style), meanScore(byModel(hnRows, 'hypernetwork-0'), TOY_DETECTOR, 'style', HELD_OUT.style));
@@ -380,7 +382,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
     const met = op === '>=' ? value >= threshold : value <= threshold;
     checks.push({ id, description, value, op, threshold, images, met, pass: met && images >= MIN_IMAGES });
   };
-  const baseShapes = PRETRAIN_SHAPES.map((s) => rows[`base.shape.${s}`]!);
+  const baseShapes = NAMED_SHAPES.map((s) => rows[`base.shape.${s}`]!);
   check('base.shapes_at_80', 'base model: shapes drawn correctly for ≥ 80% of their captions', baseShapes.filter((r) => r.rate >= 0.8).length, '>=', 3, Math.min(...baseShapes.map((r) => r.images)));
   check('base.colour', 'base model: requested colour', rows['base.colour']!.rate, '>=', 0.8, rows['base.colour']!.images);
   check('esd.erased', `ESD-x: "${ERASED_SHAPE}" captions still drawn as ${ERASED_SHAPE}`, rows[`esd.shape.${ERASED_SHAPE}`]!.rate, '<=', 0.2, rows[`esd.shape.${ERASED_SHAPE}`]!.images);

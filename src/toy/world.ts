@@ -2,9 +2,13 @@
  * The toy world's vocabulary and its seeded scene sampler: one shape of one colour and one style
  * on a plain background, captioned "a red striped circle on a black background".
  *
- * Concepts held out of pretraining (a shape and a style) exist in the world — the classifier
- * knows them, the generator can draw them — but never appear in the `pretrain` split, so textual
- * inversion and DreamBooth have something the toy model has never seen to learn later.
+ * Two concepts are held out of pretraining captions, in the two ways the methods that learn them
+ * later need. The held-out shape (heart) is drawn in the `pretrain` split but never named: its
+ * captions say "shape", as do a fifth of the other shapes' captions — so the toy model can draw a
+ * heart without having a word for it, which is what textual inversion finds (a word for something
+ * the generator can already make; a tiny model cannot invent a new shape from an embedding). The
+ * held-out style (checkered) is not in the `pretrain` split at all — a hypernetwork adds weights
+ * and must teach the UNet a style it has never drawn.
  *
  * Every scene is a pure function of (seed, split, index): a generator keyed by the three (the
  * counter-based scheme of `src/data/rng.ts`), so any image of a dataset can be redrawn alone.
@@ -41,7 +45,7 @@ export const BACKGROUNDS = {
 export type Background = keyof typeof BACKGROUNDS;
 export const BACKGROUND_NAMES = Object.keys(BACKGROUNDS) as readonly Background[];
 
-/** The concepts kept out of pretraining captions (and images). */
+/** The concepts kept out of pretraining captions (the style also out of its images). */
 export const HELD_OUT = { shape: 'heart', style: 'checkered' } as const satisfies { shape: Shape; style: Style };
 
 /** Which scenes a dataset draws. */
@@ -60,17 +64,27 @@ export interface Scene {
   readonly cy: number;
   /** Half the shape's extent in pixels. */
   readonly radius: number;
+  /** False when the caption says "shape" instead of the shape's name (pretraining only). */
+  readonly shapeNamed?: boolean;
 }
+
+/** The word pretraining captions use for an unnamed shape. */
+export const GENERIC_SHAPE_WORD = 'shape';
+/** How often a pretraining caption says "shape" for a shape it could name. */
+export const GENERIC_SHAPE_RATE = 0.2;
 
 // Seed stream of scene draws (apart from the data pipeline's streams 1–6).
 const SCENE_STREAM = 301;
 
-/** The shapes a split draws from. */
+/** The shapes a split draws from (pretraining draws the held-out shape, unnamed). */
 export function shapesOf(split: Split): readonly Shape[] {
   if (split === 'heldout-shape') return [HELD_OUT.shape];
-  if (split === 'all') return SHAPES;
-  return SHAPES.filter((s) => s !== HELD_OUT.shape);
+  if (split === 'all' || split === 'pretrain') return SHAPES;
+  return NAMED_SHAPES;
 }
+
+/** The shapes pretraining captions name. */
+export const NAMED_SHAPES: readonly Shape[] = SHAPES.filter((s) => s !== HELD_OUT.shape);
 
 /** The styles a split draws from. */
 export function stylesOf(split: Split): readonly Style[] {
@@ -93,12 +107,16 @@ export function sampleScene(seed: number, split: Split, index: number, size: num
   const margin = radius + 1;
   const cx = margin + (size - 2 * margin) * random.nextFloat();
   const cy = margin + (size - 2 * margin) * random.nextFloat();
-  return { size, shape, colour, style, background, cx, cy, radius };
+  const scene = { size, shape, colour, style, background, cx, cy, radius };
+  if (split !== 'pretrain') return scene;
+  const named = shape !== HELD_OUT.shape && random.nextFloat() >= GENERIC_SHAPE_RATE;
+  return { ...scene, shapeNamed: named };
 }
 
-/** The caption of a scene: "a red striped circle on a black background". */
-export function captionOf(scene: Pick<Scene, 'shape' | 'colour' | 'style' | 'background'>): string {
-  return `a ${scene.colour} ${scene.style} ${scene.shape} on a ${scene.background} background`;
+/** The caption of a scene: "a red striped circle on a black background" ("… striped shape …" when unnamed). */
+export function captionOf(scene: Pick<Scene, 'shape' | 'colour' | 'style' | 'background' | 'shapeNamed'>): string {
+  const shape = scene.shapeNamed === false ? GENERIC_SHAPE_WORD : scene.shape;
+  return `a ${scene.colour} ${scene.style} ${shape} on a ${scene.background} background`;
 }
 
 /** The concepts a caption names (the inverse of {@link captionOf}), or undefined for other text. */

@@ -13,7 +13,7 @@ import { describe, expect, it } from 'vitest';
 
 import { toySamples, writeToyDataset } from '../../src/toy/dataset.js';
 import { renderScene } from '../../src/toy/raster.js';
-import { BACKGROUNDS, COLOURS, HELD_OUT, parseCaption, sampleScene, SHAPES, STYLES, type Scene } from '../../src/toy/world.js';
+import { BACKGROUNDS, COLOURS, GENERIC_SHAPE_RATE, GENERIC_SHAPE_WORD, HELD_OUT, parseCaption, sampleScene, SHAPES, STYLES, type Scene } from '../../src/toy/world.js';
 
 const SIZE = 64;
 const base: Scene = { size: SIZE, shape: 'circle', colour: 'red', style: 'solid', background: 'grey', cx: 32, cy: 32, radius: 20 };
@@ -137,19 +137,39 @@ describe('rendering', () => {
 });
 
 describe('captions and splits', () => {
-  it('captions name the scene, and held-out concepts never appear in pretraining', () => {
+  it('pretraining draws the held-out shape unnamed, never names it, and never draws the held-out style', () => {
     const seen = { shape: new Set<string>(), style: new Set<string>(), colour: new Set<string>() };
+    const drawn = new Map<string, { named: number; generic: number }>();
     for (const s of toySamples({ seed: 0, split: 'pretrain', size: 32, count: 3000 })) {
       expect(s.caption).not.toMatch(new RegExp(`\\b(${HELD_OUT.shape}|${HELD_OUT.style})\\b`));
-      const parsed = parseCaption(s.caption)!;
-      expect(parsed).toEqual({ shape: s.scene.shape, colour: s.scene.colour, style: s.scene.style, background: s.scene.background });
-      seen.shape.add(parsed.shape);
-      seen.style.add(parsed.style);
-      seen.colour.add(parsed.colour);
+      expect(s.scene.style).not.toBe(HELD_OUT.style);
+      const tally = drawn.get(s.scene.shape) ?? { named: 0, generic: 0 };
+      const parsed = parseCaption(s.caption);
+      if (parsed === undefined) {
+        // The generic caption: the scene's words with "shape" in the shape's place.
+        expect(s.caption).toBe(`a ${s.scene.colour} ${s.scene.style} ${GENERIC_SHAPE_WORD} on a ${s.scene.background} background`);
+        tally.generic++;
+      } else {
+        expect(parsed).toEqual({ shape: s.scene.shape, colour: s.scene.colour, style: s.scene.style, background: s.scene.background });
+        tally.named++;
+        seen.shape.add(parsed.shape);
+      }
+      drawn.set(s.scene.shape, tally);
+      seen.style.add(s.scene.style);
+      seen.colour.add(s.scene.colour);
     }
     expect([...seen.shape].sort()).toEqual(SHAPES.filter((s) => s !== HELD_OUT.shape).sort());
     expect([...seen.style].sort()).toEqual(STYLES.filter((s) => s !== HELD_OUT.style).sort());
     expect(seen.colour.size).toBe(Object.keys(COLOURS).length);
+    // Every shape is drawn (≈ 500 each); the held-out one always generic, the others ≈ 20 % generic.
+    const heart = drawn.get(HELD_OUT.shape)!;
+    expect(heart.named).toBe(0);
+    expect(heart.generic).toBeGreaterThan(400);
+    for (const shape of SHAPES.filter((s) => s !== HELD_OUT.shape)) {
+      const t = drawn.get(shape)!;
+      expect(t.generic / (t.named + t.generic)).toBeGreaterThan(GENERIC_SHAPE_RATE - 0.06);
+      expect(t.generic / (t.named + t.generic)).toBeLessThan(GENERIC_SHAPE_RATE + 0.06);
+    }
   });
 
   it('held-out splits draw only their concept; the full split has everything', () => {
