@@ -129,13 +129,15 @@ async function writeJson(file: string, value: unknown): Promise<void> {
   await writeTextAtomic(file, text);
 }
 
+/** A caption without the style word: what the hypernetwork trains on and is measured with. */
+const stylelessCaption = (s: Partial<Record<'colour' | 'shape' | 'background', string>>) => `a ${s.colour} ${s.shape} on a ${s.background} background`;
+
 /** The training datasets: held-out shape, held-out style, one specific object. */
 async function writeDemoData(out: string, count: number): Promise<Record<'ti' | 'hypernetwork' | 'dreambooth', string>> {
   const dirs = { ti: path.join(out, 'data', 'ti'), hypernetwork: path.join(out, 'data', 'hypernetwork'), dreambooth: path.join(out, 'data', 'dreambooth') };
-  const styleless = (s: Scene) => `a ${s.colour} ${s.shape} on a ${s.background} background`;
   const sets = [
     { dir: dirs.ti, split: 'heldout-shape' as const, count, caption: (s: Scene) => captionOf(s).replace(HELD_OUT.shape, TI_TOKEN) },
-    { dir: dirs.hypernetwork, split: 'heldout-style' as const, count, caption: styleless },
+    { dir: dirs.hypernetwork, split: 'heldout-style' as const, count, caption: stylelessCaption },
     { dir: dirs.dreambooth, split: 'pretrain' as const, count: Math.min(count, 40), scene: (s: Scene): Scene => ({ ...s, ...DREAMBOOTH_OBJECT }), caption: () => DREAMBOOTH_PROMPT },
   ];
   for (const s of sets) {
@@ -336,10 +338,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   };
   const base: ToyEvalModel = { name: 'base', model };
   const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: NAMED_SHAPES, perShape: n, styles: PRETRAIN_STYLES, seed: 1 }));
-  const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 }), HELD_OUT.shape, TI_TOKEN));
+  const heartPrompts = scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 });
+  const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(heartPrompts, HELD_OUT.shape, TI_TOKEN));
   // What the initializer word alone draws: pretraining captioned hearts (and some other shapes) "shape".
-  const genericRows = await measure('generic-shape', [base], withToken(scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 }), HELD_OUT.shape, GENERIC_SHAPE_WORD));
-  const styleless = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.ceil(n / NAMED_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: `a ${p.target.colour} ${p.target.shape} on a ${p.target.background} background` }));
+  const genericRows = await measure('generic-shape', [base], withToken(heartPrompts, HELD_OUT.shape, GENERIC_SHAPE_WORD));
+  const styleless = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.ceil(n / NAMED_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: stylelessCaption(p.target) }));
   const hnRows = await measure('hypernetwork', [
     base,
     { name: 'hypernetwork-1', model, hypernetwork: `${methods['hypernetwork']!.file}:1` },
