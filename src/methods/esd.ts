@@ -20,6 +20,12 @@
  *   ε*(∅)) with `from` = `erase_from` (which then also conditions x_t and the trained prediction)
  *   or c; 200 iterations, lr 5e-5, η 2, guidance 3; sets esd-x, esd-x-strict, esd-u, esd-all.
  *
+ * One option goes beyond both scripts: `preserve` prompts. On models whose text states for related
+ * concepts overlap (the toy model's tiny text encoder), erasing one shape drags the others along;
+ * a retain term — each step also pulls ε_θ(x_t, t, p) toward ε*(x_t, t, p) for one preserve prompt
+ * p at the same x_t, weighted by `preserve_weight` — is the usual remedy in later erasure work.
+ * Without `preserve` the step is exactly the official one.
+ *
  * The frozen original costs no second UNet: the same `unet()` runs over two parameter views of
  * the one set of loaded tensors — θ* the loaded tensors as they are, θ the same map with only the
  * trainable subset overridden by variables (tfjs tensors are immutable, so the loaded tensors
@@ -138,6 +144,18 @@ export const esdConfigSchema = z
       .max(500)
       .default(50)
       .describe('Sampler steps of the schedule x_t is drawn from (esd-2023: DDIM steps; esd-2024: --num_inference_steps with the model’s scheduler). Default 50.'),
+    preserve: z
+      .string()
+      .trim()
+      .min(1)
+      .nullable()
+      .default(null)
+      .describe('Prompts to keep (split at `separator` like the concept): each step adds preserve_weight × MSE(ε_θ(x_t, t, p), ε*(x_t, t, p)) for one drawn prompt p at the same x_t. Not in the official scripts. Default null: plain ESD.'),
+    preserve_weight: z
+      .number()
+      .min(0)
+      .default(1)
+      .describe('Weight of the preserve term against the erasure term. Default 1.'),
     save_full_model: z
       .boolean()
       .default(false)
@@ -184,6 +202,15 @@ export function esdConceptWords(cfg: Pick<EsdConfig, 'concept' | 'separator' | '
   return words;
 }
 
+/** The preserve prompts (split like the concept), or none. */
+export function esdPreservePrompts(cfg: Pick<EsdConfig, 'preserve' | 'separator'>): string[] {
+  if (cfg.preserve === null) return [];
+  if (cfg.separator === null) return [cfg.preserve];
+  const prompts = cfg.preserve.split(cfg.separator).map((w) => w.trim());
+  if (prompts.some((w) => w === '')) throw new Error(`preserve: splitting "${cfg.preserve}" at ${JSON.stringify(cfg.separator)} leaves an empty prompt`);
+  return prompts;
+}
+
 /** The selector of a preset's parameter set (`src/models/unet/params.ts`). */
 export function esdSelector(preset: EsdPreset, parameters: string): ParamSelector {
   const sets: Readonly<Record<string, ParamSelector>> = preset === 'esd-2023' ? esd2023Sets : esd2024Sets;
@@ -208,6 +235,8 @@ export interface EsdState {
   readonly nullContext: tf.Tensor;
   readonly wordContexts: readonly tf.Tensor[];
   readonly fromContext: tf.Tensor | undefined;
+  /** Text states [1, S, D] of each preserve prompt (empty without `preserve`). */
+  readonly preserveContexts: readonly tf.Tensor[];
   /** Latent size [h, w, C]. */
   readonly latent: readonly [number, number, number];
   /** esd-2023: the CompVis DDIM grid. */
@@ -216,13 +245,13 @@ export interface EsdState {
   readonly sampler: Sampler<tf.Tensor> | undefined;
 }
 
-/** A prepared step: x_t, its timestep, the trained prediction's text states and the target. */
+/** A prepared step: x_t, its timestep, the trained prediction's text states and the target (row 1, if any: the preserve prompt). */
 export interface EsdBatch {
-  /** NHWC [1, h, w, C]. */
+  /** NHWC [n, h, w, C]: n = 1, or 2 with a preserve prompt (the same x_t twice). */
   readonly xT: tf.Tensor;
-  /** float32 [1]. */
+  /** float32 [n]. */
   readonly timesteps: tf.Tensor;
-  /** [1, S, D]. */
+  /** [n, S, D]. */
   readonly context: tf.Tensor;
   /** NHWC like xT. */
   readonly target: tf.Tensor;
@@ -238,18 +267,22 @@ export interface FrozenPredictions {
   readonly eConcept: tf.Tensor;
   /** ε*(x_t, t, erase_from), when set. */
   readonly eFrom: tf.Tensor | undefined;
+  /** ε*(x_t, t, p) for the step's preserve prompt, when there is one. */
+  readonly ePreserve: tf.Tensor | undefined;
 }
 
-/** ε*(x_t, t, ·) for "", the word and erase_from in one batched UNet call over the frozen parameters. */
-export function frozenPredictions(s: EsdState, xT: tf.Tensor, t: number, word: number): FrozenPredictions {
-  const contexts = [s.nullContext, wordContext(s, word), ...(s.fromContext === undefined ? [] : [s.fromContext])];
+/** ε*(x_t, t, ·) for "", the word, erase_from and the preserve prompt in one batched UNet call over the frozen parameters. */
+export function frozenPredictions(s: EsdState, xT: tf.Tensor, t: number, word: number, preserve?: number): FrozenPredictions {
+  const from = s.fromContext === undefined ? [] : [s.fromContext];
+  const kept = preserve === undefined ? [] : [preserveContext(s, preserve)];
+  const contexts = [s.nullContext, wordContext(s, word), ...from, ...kept];
   const outs = tf.tidy(() => {
     const n = contexts.length;
     const x = tf.concat(new Array<tf.Tensor>(n).fill(xT), 0); // [n,h,w,C]
     const out = unet(tfOps, s.frozen.scope(), x, tf.fill([n], t, 'float32'), tf.concat(contexts, 0), s.model.unet.cfg);
     return tf.split(out, n, 0);
   });
-  return { eNull: outs[0]!, eConcept: outs[1]!, eFrom: outs[2] };
+  return { eNull: outs[0]!, eConcept: outs[1]!, eFrom: from.length > 0 ? outs[2] : undefined, ePreserve: kept.length > 0 ? outs[2 + from.length] : undefined };
 }
 
 /** The ESD target of a preset from frozen predictions (2023: ε*(∅) − η(ε*(c) − ε*(∅)); 2024: ε*(from) − η(ε*(c) − ε*(∅))). */
@@ -260,18 +293,27 @@ export function esdTarget(preset: EsdPreset, negativeGuidance: number, p: Frozen
   });
 }
 
-/** The batch at a given x_t (NHWC) and timestep for concept word `word`: frozen target and the trained prediction's text states. */
-export function esdBatchAt(s: EsdState, xT: tf.Tensor, t: number, word: number): EsdBatch {
-  const p = frozenPredictions(s, xT, t, word);
+/** The batch at a given x_t (NHWC) and timestep for concept word `word` (and preserve prompt `preserve`): frozen targets and the trained prediction's text states. */
+export function esdBatchAt(s: EsdState, xT: tf.Tensor, t: number, word: number, preserve?: number): EsdBatch {
+  const p = frozenPredictions(s, xT, t, word, preserve);
   try {
-    return {
-      xT: tf.clone(xT),
-      timesteps: tf.tensor1d([t], 'float32'),
-      context: tf.clone(trainedContext(s, word)),
-      target: esdTarget(s.cfg.preset, s.cfg.negative_guidance, p),
-    };
+    if (p.ePreserve === undefined) {
+      return {
+        xT: tf.clone(xT),
+        timesteps: tf.tensor1d([t], 'float32'),
+        context: tf.clone(trainedContext(s, word)),
+        target: esdTarget(s.cfg.preset, s.cfg.negative_guidance, p),
+      };
+    }
+    const ePreserve = p.ePreserve;
+    return tf.tidy(() => ({
+      xT: tf.concat([xT, xT], 0),
+      timesteps: tf.tensor1d([t, t], 'float32'),
+      context: tf.concat([trainedContext(s, word), preserveContext(s, preserve!)], 0),
+      target: tf.concat([esdTarget(s.cfg.preset, s.cfg.negative_guidance, p), ePreserve], 0),
+    }));
   } finally {
-    tf.dispose([p.eNull, p.eConcept, ...(p.eFrom === undefined ? [] : [p.eFrom])]);
+    tf.dispose([p.eNull, p.eConcept, ...(p.eFrom === undefined ? [] : [p.eFrom]), ...(p.ePreserve === undefined ? [] : [p.ePreserve])]);
   }
 }
 
@@ -280,9 +322,12 @@ export function trainedPrediction(s: EsdState, b: EsdBatch): tf.Tensor {
   return unet(tfOps, s.trained.scope(), b.xT, b.timesteps, b.context, s.model.unet.cfg);
 }
 
-/** The ESD loss of a batch: mean((ε_θ(x_t, t, c) − target)²), torch.nn.MSELoss. */
+/** The ESD loss of a batch: mean((ε_θ(x_t, t, c) − target)²), torch.nn.MSELoss, plus preserve_weight × the preserve row's. */
 export function esdLoss(s: EsdState, b: EsdBatch): tf.Scalar {
-  return tf.mean(tf.square(tf.sub(trainedPrediction(s, b), b.target))) as tf.Scalar;
+  const err = tf.square(tf.sub(trainedPrediction(s, b), b.target));
+  if (b.xT.shape[0] === 1) return tf.mean(err) as tf.Scalar;
+  const [erase, keep] = tf.split(err, 2, 0);
+  return tf.add(tf.mean(erase!), tf.mul(tf.mean(keep!), s.cfg.preserve_weight)) as tf.Scalar;
 }
 
 /** esd-2023's x_t: `quick_sample_till_t` with the trained model from NHWC `startCode` (caller owns the result). */
@@ -333,12 +378,23 @@ function wordContext(s: EsdState, word: number): tf.Tensor {
   return ctx;
 }
 
+function preserveContext(s: EsdState, preserve: number): tf.Tensor {
+  const ctx = s.preserveContexts[preserve];
+  if (ctx === undefined) throw new Error(`preserve prompt ${preserve} out of range (${s.preserveContexts.length} prompts)`);
+  return ctx;
+}
+
 function trainedContext(s: EsdState, word: number): tf.Tensor {
   return s.cfg.preset === 'esd-2024' && s.fromContext !== undefined ? s.fromContext : wordContext(s, word);
 }
 
 function encodePrompt(model: StableDiffusion, prompt: string): tf.Tensor {
   return encodeText(model.text.store, model.text.cfg, [model.tokenizer.encode(prompt)]); // [1,S,D]
+}
+
+// Drawn after the official draws, so a run without `preserve` consumes the same random stream.
+function drawPreserve(random: TrainRandom, s: EsdState): number | undefined {
+  return s.preserveContexts.length === 0 ? undefined : random.randint(s.preserveContexts.length, 1)[0]!;
 }
 
 /** NCHW-drawn normals as NHWC (torch's values in torch's order). */
@@ -446,9 +502,10 @@ export const esd: TrainingMethod<EsdConfig, EsdState, EsdBatch> = {
     const nullContext = encodePrompt(model, '');
     const wordContexts = words.map((w) => encodePrompt(model, w));
     const fromContext = cfg.erase_from === null ? undefined : encodePrompt(model, cfg.erase_from);
+    const preserveContexts = esdPreservePrompts(cfg).map((p) => encodePrompt(model, p));
     const count = keys.reduce((a, k) => a + base.get(k)!.size, 0);
     ctx.log(
-      `esd (${preset}, ${cfg.parameters}): erasing ${words.length <= 3 ? words.map((w) => JSON.stringify(w)).join(', ') : `${words.length} prompts (${words.slice(0, 2).map((w) => JSON.stringify(w)).join(', ')}, …)`}${cfg.erase_from === null ? '' : ` from "${cfg.erase_from}"`}; ${keys.length} tensors, ${count} trainable values; η ${cfg.negative_guidance}, start guidance ${cfg.start_guidance}, ${cfg.ddim_steps} sampler steps at ${size}×${size}`,
+      `esd (${preset}, ${cfg.parameters}): erasing ${words.length <= 3 ? words.map((w) => JSON.stringify(w)).join(', ') : `${words.length} prompts (${words.slice(0, 2).map((w) => JSON.stringify(w)).join(', ')}, …)`}${cfg.erase_from === null ? '' : ` from "${cfg.erase_from}"`}; ${keys.length} tensors, ${count} trainable values; η ${cfg.negative_guidance}, start guidance ${cfg.start_guidance}, ${cfg.ddim_steps} sampler steps at ${size}×${size}${preserveContexts.length === 0 ? '' : `; preserving ${preserveContexts.length} prompt(s) at weight ${cfg.preserve_weight}`}`,
     );
     return {
       cfg,
@@ -461,6 +518,7 @@ export const esd: TrainingMethod<EsdConfig, EsdState, EsdBatch> = {
       nullContext,
       wordContexts,
       fromContext,
+      preserveContexts,
       latent: [size / f, size / f, model.unet.cfg.inChannels],
       grid: preset === 'esd-2023' ? compvisDdimGrid(model.scheduler, cfg.ddim_steps) : undefined,
       sampler: preset === 'esd-2024' ? makeSampler(model.scheduler, { kind: defaultSamplerKind(model.scheduler), steps: cfg.ddim_steps }) : undefined,
@@ -486,7 +544,7 @@ export const esd: TrainingMethod<EsdConfig, EsdState, EsdBatch> = {
         startCode.dispose();
       }
       try {
-        return esdBatchAt(s, xT, t, word);
+        return esdBatchAt(s, xT, t, word, drawPreserve(ctx.random, s));
       } finally {
         xT.dispose();
       }
@@ -495,7 +553,7 @@ export const esd: TrainingMethod<EsdConfig, EsdState, EsdBatch> = {
     const seed = ctx.random.randint(2 ** 15 + 1, 1)[0]!; // random.randint(0, 2**15), inclusive
     const { xT, t } = await sampleXt2024(s, seed, runTill, word);
     try {
-      return esdBatchAt(s, xT, t, word);
+      return esdBatchAt(s, xT, t, word, drawPreserve(ctx.random, s));
     } finally {
       xT.dispose();
     }
@@ -553,6 +611,6 @@ export const esd: TrainingMethod<EsdConfig, EsdState, EsdBatch> = {
 
   dispose(s) {
     for (const v of s.variables.values()) v.dispose();
-    tf.dispose([s.nullContext, ...s.wordContexts, ...(s.fromContext === undefined ? [] : [s.fromContext])]);
+    tf.dispose([s.nullContext, ...s.wordContexts, ...s.preserveContexts, ...(s.fromContext === undefined ? [] : [s.fromContext])]);
   },
 };

@@ -38,7 +38,7 @@ export const DEFAULT_TOY_MODEL = 'assets/toy-sd';
 /** The shape the demo erases with ESD-x. */
 export const ERASED_SHAPE: Shape = 'circle';
 /** The specific object the DreamBooth-LoRA binds to "sks". */
-export const DREAMBOOTH_OBJECT = { shape: 'star', colour: 'purple', style: 'striped' } as const;
+export const DREAMBOOTH_OBJECT = { shape: 'triangle', colour: 'green', style: 'solid' } as const;
 export const TI_TOKEN = '<toy-heart>';
 export const DREAMBOOTH_PROMPT = 'a sks shape';
 export const DREAMBOOTH_CLASS_PROMPT = 'a shape';

@@ -71,7 +71,7 @@ export interface Scene {
 /** The word pretraining captions use for an unnamed shape. */
 export const GENERIC_SHAPE_WORD = 'shape';
 /** How often a pretraining caption says "shape" for a shape it could name. */
-export const GENERIC_SHAPE_RATE = 0.2;
+export const GENERIC_SHAPE_RATE = 0.05;
 
 // Seed stream of scene draws (apart from the data pipeline's streams 1–6).
 const SCENE_STREAM = 301;

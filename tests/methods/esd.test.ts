@@ -21,6 +21,8 @@ import {
   esdConceptWords,
   esdConfigSchema,
   esdFileStem,
+  esdLoss,
+  esdPreservePrompts,
   frozenPredictions,
   sampleXt2024,
   trainedPrediction,
@@ -166,6 +168,73 @@ describe('erase_from (esd-2024)', () => {
       esd.dispose(withFrom);
       esd.dispose(fromAsConcept);
     }
+  });
+});
+
+describe('preserve prompts (the retain term; not in the official scripts)', () => {
+  it('split like the concept; an empty piece is named', () => {
+    expect(esdPreservePrompts({ preserve: null, separator: '|' })).toEqual([]);
+    expect(esdPreservePrompts({ preserve: 'a dog, a cat', separator: null })).toEqual(['a dog, a cat']);
+    expect(esdPreservePrompts({ preserve: 'a dog| a cat', separator: '|' })).toEqual(['a dog', 'a cat']);
+    expect(() => esdPreservePrompts({ preserve: 'a dog||a cat', separator: '|' })).toThrow(/preserve: splitting .* leaves an empty prompt/);
+  });
+
+  it('adds a second row at the same x_t whose target is ε*(x_t, t, p); the first row and the random stream are the official step', async () => {
+    const plain = await setup(config({ parameters: 'esd-x', ddim_steps: 4 }));
+    const kept = await setup(config({ parameters: 'esd-x', ddim_steps: 4, preserve: `a dog|${UNRELATED}`, separator: '|', preserve_weight: 0.5 }));
+    try {
+      const step = (st: EsdState) => esd.prepare({ step: 3, micro: 0, random: stepRandom(0, 3, 0) }, st, { step: 3, micro: 0 });
+      const a = (await step(plain)) as EsdBatch;
+      const b = (await step(kept)) as EsdBatch;
+      expect(b.xT.shape[0]).toBe(2);
+      const [x0, x1] = tf.split(b.xT, 2, 0);
+      expect(Array.from(await x0!.data())).toEqual(Array.from(await a.xT.data()));
+      expect(Array.from(await x1!.data())).toEqual(Array.from(await a.xT.data()));
+      const [t0, t1] = tf.split(b.target, 2, 0);
+      expect(l2(t0!, a.target) / l2(a.target, tf.zerosLike(a.target))).toBeLessThan(1e-5);
+      // Which preserve prompt the step drew: the one whose text states are row 1's context.
+      const [, c1] = tf.split(b.context, 2, 0);
+      const states = ['a dog', UNRELATED].map((p) => encodeText(model.text.store, model.text.cfg, [model.tokenizer.encode(p)]));
+      const drawn = states.findIndex((st) => l2(st, c1!) === 0);
+      expect(drawn).toBeGreaterThanOrEqual(0);
+      const expected = tf.tidy(() => unet(tfOps, model.unet.store.scope(), a.xT, a.timesteps, states[drawn]!, model.unet.cfg));
+      expect(l2(t1!, expected) / l2(expected, tf.zerosLike(expected))).toBeLessThan(1e-5);
+      // The loss: the erasure MSE plus preserve_weight × the preserve MSE, each computed apart.
+      const mse = (x: tf.Tensor, c: tf.Tensor, target: tf.Tensor) =>
+        tf.tidy(() => tf.mean(tf.square(tf.sub(unet(tfOps, kept.trained.scope(), x, a.timesteps, c, model.unet.cfg), target))).dataSync()[0]!);
+      const [c0] = tf.split(b.context, 2, 0);
+      const want = mse(a.xT, c0!, t0!) + 0.5 * mse(a.xT, c1!, t1!);
+      const got = tf.tidy(() => esdLoss(kept, b).dataSync()[0]!);
+      expect(Math.abs(got - want) / want).toBeLessThan(1e-5);
+      tf.dispose([a, b, x0!, x1!, t0!, t1!, c0!, c1!, ...states, expected]);
+    } finally {
+      esd.dispose(plain);
+      esd.dispose(kept);
+    }
+  });
+
+  it('keeps the preserve prompt’s prediction closer to the original than the same run without it, while still erasing', async () => {
+    const runs: { kept: number; towardTarget: number }[] = [];
+    for (const preserve of [null, UNRELATED]) {
+      const s = await setup(config({ parameters: 'esd-x', ddim_steps: 4, learning_rate: 1e-3, preserve, preserve_weight: 4 }));
+      try {
+        const probe = (await esd.prepare({ step: 0, micro: 0, random: stepRandom(0, 0, 0) }, s, { step: 0, micro: 0 })) as EsdBatch;
+        const [x, t, c, target] = [probe.xT, probe.timesteps, probe.context, probe.target].map((v) => tf.slice(v, 0, 1));
+        const unrelated = encodeText(model.text.store, model.text.cfg, [model.tokenizer.encode(UNRELATED)]);
+        const pred = (scope: 'trained' | 'frozen', ctx: tf.Tensor) => unet(tfOps, s[scope].scope(), x!, t!, ctx, model.unet.cfg);
+        const before = pred('trained', c!);
+        await runSteps(s, 6, true);
+        const after = pred('trained', c!);
+        const keptChange = l2(pred('trained', unrelated), pred('frozen', unrelated));
+        runs.push({ kept: keptChange, towardTarget: l2(before, target!) - l2(after, target!) });
+        tf.dispose([probe, x!, t!, c!, target!, unrelated, before, after]);
+      } finally {
+        esd.dispose(s);
+      }
+    }
+    console.log(`[esd preserve] unrelated prompt changed ${runs[0]!.kept.toExponential(3)} without, ${runs[1]!.kept.toExponential(3)} with preserve; concept moved ${runs[0]!.towardTarget.toExponential(3)} / ${runs[1]!.towardTarget.toExponential(3)} toward its target`);
+    expect(runs[1]!.kept).toBeLessThan(runs[0]!.kept * 0.7);
+    expect(runs[1]!.towardTarget).toBeGreaterThan(0);
   });
 });
 
