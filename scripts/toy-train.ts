@@ -31,7 +31,7 @@ import { writeToyDataset, toySamples } from '../src/toy/dataset.js';
 import { DEFAULT_CLASSIFIER_FILE } from '../src/toy/detector.js';
 import { groupRows, headHit, parseTargetLabel, runToyEval, scenePrompts, TOY_DETECTOR, type ToyPrompt } from '../src/toy/eval.js';
 import { readToyModelSpec, writeScratchModel } from '../src/toy/model.js';
-import { COLOUR_NAMES, HELD_OUT, NAMED_SHAPES, SHAPES, STYLES, stylesOf } from '../src/toy/world.js';
+import { COLOUR_NAMES, HELD_OUT, NAMED_SHAPES, SHAPES, NAMED_STYLES, STYLES } from '../src/toy/world.js';
 
 const { values } = parseArgs({
   options: {
@@ -56,7 +56,7 @@ const work = values.work;
 const started = Date.now();
 const log = (m: string) => process.stderr.write(`[toy:train ${((Date.now() - started) / 60_000).toFixed(1)} min] ${m}\n`);
 const exists = (p: string) => stat(p).then(() => true, () => false);
-const PRETRAIN_STYLES = stylesOf('pretrain');
+
 const SAMPLE_STEPS = 25;
 
 await initBackend({ backend: 'wasm', log });
@@ -215,7 +215,7 @@ interface BaseAccuracy {
 
 /** Shape accuracy per shape and colour accuracy per colour of a model's images of full captions. */
 async function baseAccuracy(model: string, outDir: string, guidance: number, perShape: number, images: number): Promise<BaseAccuracy> {
-  const prompts: ToyPrompt[] = scenePrompts({ shapes: NAMED_SHAPES, perShape, styles: PRETRAIN_STYLES, seed: 1 });
+  const prompts: ToyPrompt[] = scenePrompts({ shapes: NAMED_SHAPES, perShape, styles: NAMED_STYLES, seed: 1 });
   const { rows } = await runToyEval({ models: [{ name: 'base', model }], prompts, outputDir: outDir, imagesPerPrompt: images, guidance, steps: SAMPLE_STEPS, backend: 'wasm', log, workers: measureOnly ? 1 : 2 });
   const rate = (head: Head) =>
     Object.fromEntries(

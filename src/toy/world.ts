@@ -2,13 +2,17 @@
  * The toy world's vocabulary and its seeded scene sampler: one shape of one colour and one style
  * on a plain background, captioned "a red striped circle on a black background".
  *
- * Two concepts are held out of pretraining captions, in the two ways the methods that learn them
- * later need. The held-out shape (heart) is drawn in the `pretrain` split but never named: its
- * captions say "shape", as do a fifth of the other shapes' captions — so the toy model can draw a
- * heart without having a word for it, which is what textual inversion finds (a word for something
- * the generator can already make; a tiny model cannot invent a new shape from an embedding). The
- * held-out style (checkered) is not in the `pretrain` split at all — a hypernetwork adds weights
- * and must teach the UNet a style it has never drawn.
+ * Two concepts are held out of pretraining captions. Both are drawn in the `pretrain` split but
+ * never named, because a tiny model cannot invent what it has never drawn (sessions 3–5 measured
+ * it: textual inversion of a never-drawn heart and a hypernetwork for a never-drawn checkered
+ * style stalled near 50 %); what the methods learn is how to ask for something the generator can
+ * already make:
+ * - the held-out shape (heart) is captioned "shape", as are one in twenty of the other shapes'
+ *   captions; textual inversion finds a word for it;
+ * - the held-out style (checkered) is captioned "patterned", as are one in twenty of the other
+ *   styles' captions, and another one in twenty of those leave the style word out — so a caption
+ *   without a style word means "one of the named styles", and a hypernetwork must change that
+ *   default to checkered.
  *
  * Every scene is a pure function of (seed, split, index): a generator keyed by the three (the
  * counter-based scheme of `src/data/rng.ts`), so any image of a dataset can be redrawn alone.
@@ -66,12 +70,23 @@ export interface Scene {
   readonly radius: number;
   /** False when the caption says "shape" instead of the shape's name (pretraining only). */
   readonly shapeNamed?: boolean;
+  /** How the caption gives the style (pretraining only; absent means by name). */
+  readonly styleWord?: StyleWord;
 }
+
+/** A caption names the style, says "patterned", or leaves the style out. */
+export type StyleWord = 'named' | 'generic' | 'omitted';
 
 /** The word pretraining captions use for an unnamed shape. */
 export const GENERIC_SHAPE_WORD = 'shape';
 /** How often a pretraining caption says "shape" for a shape it could name. */
 export const GENERIC_SHAPE_RATE = 0.05;
+/** The word pretraining captions use for an unnamed style. */
+export const GENERIC_STYLE_WORD = 'patterned';
+/** How often a pretraining caption says "patterned" for a style it could name. */
+export const GENERIC_STYLE_RATE = 0.05;
+/** How often a pretraining caption of a named style leaves the style word out. */
+export const STYLELESS_RATE = 0.05;
 
 // Seed stream of scene draws (apart from the data pipeline's streams 1–6).
 const SCENE_STREAM = 301;
@@ -86,11 +101,14 @@ export function shapesOf(split: Split): readonly Shape[] {
 /** The shapes pretraining captions name. */
 export const NAMED_SHAPES: readonly Shape[] = SHAPES.filter((s) => s !== HELD_OUT.shape);
 
-/** The styles a split draws from. */
+/** The styles pretraining captions name. */
+export const NAMED_STYLES: readonly Style[] = STYLES.filter((s) => s !== HELD_OUT.style);
+
+/** The styles a split draws from (pretraining draws the held-out style, unnamed). */
 export function stylesOf(split: Split): readonly Style[] {
   if (split === 'heldout-style') return [HELD_OUT.style];
-  if (split === 'all') return STYLES;
-  return STYLES.filter((s) => s !== HELD_OUT.style);
+  if (split === 'all' || split === 'pretrain') return STYLES;
+  return NAMED_STYLES;
 }
 
 /** Scene `index` of a split: attributes uniform over the split's lists, size and position uniform. */
@@ -110,13 +128,16 @@ export function sampleScene(seed: number, split: Split, index: number, size: num
   const scene = { size, shape, colour, style, background, cx, cy, radius };
   if (split !== 'pretrain') return scene;
   const named = shape !== HELD_OUT.shape && random.nextFloat() >= GENERIC_SHAPE_RATE;
-  return { ...scene, shapeNamed: named };
+  const u = random.nextFloat();
+  const styleWord: StyleWord = style === HELD_OUT.style || u < GENERIC_STYLE_RATE ? 'generic' : u < GENERIC_STYLE_RATE + STYLELESS_RATE ? 'omitted' : 'named';
+  return { ...scene, shapeNamed: named, styleWord };
 }
 
-/** The caption of a scene: "a red striped circle on a black background" ("… striped shape …" when unnamed). */
-export function captionOf(scene: Pick<Scene, 'shape' | 'colour' | 'style' | 'background' | 'shapeNamed'>): string {
+/** The caption of a scene: "a red striped circle on a black background" ("… patterned shape …", "a red circle …" in pretraining). */
+export function captionOf(scene: Pick<Scene, 'shape' | 'colour' | 'style' | 'background' | 'shapeNamed' | 'styleWord'>): string {
   const shape = scene.shapeNamed === false ? GENERIC_SHAPE_WORD : scene.shape;
-  return `a ${scene.colour} ${scene.style} ${shape} on a ${scene.background} background`;
+  const style = scene.styleWord === 'generic' ? `${GENERIC_STYLE_WORD} ` : scene.styleWord === 'omitted' ? '' : `${scene.style} `;
+  return `a ${scene.colour} ${style}${shape} on a ${scene.background} background`;
 }
 
 /** The concepts a caption names (the inverse of {@link captionOf}), or undefined for other text. */
