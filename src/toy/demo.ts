@@ -14,6 +14,7 @@ import { z } from 'zod';
 
 import { writeTextAtomic } from '../io/atomic.js';
 import { trainingConfigSchema } from '../methods/registry.js';
+import { embeddingFileStem } from '../methods/textual-inversion.js';
 import { parseTrainingConfig, type RawConfig } from '../train/config.js';
 import { train } from '../train/loop.js';
 import type { ProgressStream } from '../train/progress.js';
@@ -21,7 +22,7 @@ import type { ResultRow } from '../eval/rows.js';
 import { runSdwbChild } from './child.js';
 import { writeToyDataset } from './dataset.js';
 import { accuracyOf, groupRows, headHit, labelRate, meanScore, rowHits, runToyEval, scenePrompts, TOY_DETECTOR, type Accuracy, type ToyEvalModel, type ToyPrompt } from './eval.js';
-import { captionOf, GENERIC_SHAPE_WORD, HELD_OUT, NAMED_SHAPES, stylesOf, type Scene, type Shape } from './world.js';
+import { captionOf, GENERIC_SHAPE_WORD, HELD_OUT, NAMED_SHAPES, NAMED_STYLES, type Scene, type Shape } from './world.js';
 
 /** The toy model's sampling defaults (`assets/toy-sd/toy.json`, written by `npm run toy:train`). */
 export const toyDefaultsSchema = z.object({
@@ -40,10 +41,10 @@ export const ERASED_SHAPE: Shape = 'circle';
 /** The specific object the DreamBooth-LoRA binds to "sks". */
 export const DREAMBOOTH_OBJECT = { shape: 'triangle', colour: 'green', style: 'solid' } as const;
 export const TI_TOKEN = '<toy-heart>';
+/** What prompts write to use the saved embedding: A1111 matches an embedding by its file's stem, not the placeholder. */
+export const TI_TRIGGER = embeddingFileStem({ placeholder_token: TI_TOKEN });
 export const DREAMBOOTH_PROMPT = 'a sks shape';
-export const DREAMBOOTH_CLASS_PROMPT = 'a shape';
 
-const PRETRAIN_STYLES = stylesOf('pretrain');
 /** The smallest row the bars are judged on (issue #9: ≥ 50 generated images per row). */
 export const MIN_IMAGES = 50;
 
@@ -59,7 +60,7 @@ export interface DemoScale {
 }
 
 /** Full demo: every row ≥ 50 images. */
-export const FULL_SCALE: DemoScale = { steps: { ti: 300, esd: 300, hypernetwork: 300, dreambooth: 1000 }, prompts: 10, images: 5, dataImages: 200 };
+export const FULL_SCALE: DemoScale = { steps: { ti: 100, esd: 600, hypernetwork: 300, dreambooth: 1000 }, prompts: 10, images: 5, dataImages: 200 };
 /** `--fast`: the same pipeline with short training and small rows (directions only, not the bars). */
 export const FAST_SCALE: DemoScale = { steps: { ti: 60, esd: 40, hypernetwork: 60, dreambooth: 60 }, prompts: 4, images: 3, dataImages: 64 };
 
@@ -132,13 +133,26 @@ async function writeJson(file: string, value: unknown): Promise<void> {
 /** A caption without the style word: what the hypernetwork trains on and is measured with. */
 const stylelessCaption = (s: Partial<Record<'colour' | 'shape' | 'background', string>>) => `a ${s.colour} ${s.shape} on a ${s.background} background`;
 
-/** The training datasets: held-out shape, held-out style, one specific object. */
-async function writeDemoData(out: string, count: number): Promise<Record<'ti' | 'hypernetwork' | 'dreambooth', string>> {
-  const dirs = { ti: path.join(out, 'data', 'ti'), hypernetwork: path.join(out, 'data', 'hypernetwork'), dreambooth: path.join(out, 'data', 'dreambooth') };
+/** Where the demo's training images are. */
+type DemoData = Record<'ti' | 'hypernetwork' | 'dreambooth' | 'dreamboothReg', string>;
+
+/** A pretraining scene with every attribute a named one (held-out ones replaced, picked by position), fully captioned. */
+const namedScene = (s: Scene): Scene => ({
+  ...s,
+  shape: s.shape === HELD_OUT.shape ? NAMED_SHAPES[Math.floor(s.cx * 7) % NAMED_SHAPES.length]! : s.shape,
+  style: s.style === HELD_OUT.style ? NAMED_STYLES[Math.floor(s.cy * 7) % NAMED_STYLES.length]! : s.style,
+  shapeNamed: true,
+  styleWord: 'named',
+});
+
+/** The training datasets: held-out shape, held-out style, one specific object and its regularisation images. */
+async function writeDemoData(out: string, count: number): Promise<DemoData> {
+  const dirs = { ti: path.join(out, 'data', 'ti'), hypernetwork: path.join(out, 'data', 'hypernetwork'), dreambooth: path.join(out, 'data', 'dreambooth'), dreamboothReg: path.join(out, 'data', 'dreambooth-reg') };
   const sets = [
     { dir: dirs.ti, split: 'heldout-shape' as const, count, caption: (s: Scene) => captionOf(s).replace(HELD_OUT.shape, TI_TOKEN) },
     { dir: dirs.hypernetwork, split: 'heldout-style' as const, count, caption: stylelessCaption },
     { dir: dirs.dreambooth, split: 'pretrain' as const, count: Math.min(count, 40), scene: (s: Scene): Scene => ({ ...s, ...DREAMBOOTH_OBJECT }), caption: () => DREAMBOOTH_PROMPT },
+    { dir: dirs.dreamboothReg, split: 'pretrain' as const, count, scene: namedScene, caption: captionOf },
   ];
   for (const s of sets) {
     if (await exists(path.join(s.dir, 'dataset.json'))) continue;
@@ -148,9 +162,10 @@ async function writeDemoData(out: string, count: number): Promise<Record<'ti' | 
 }
 
 /** The four method configs of the demo (raw, as a user would write them in YAML). */
-export function demoConfigs(o: { model: string; out: string; data: Record<'ti' | 'hypernetwork' | 'dreambooth', string>; scale: DemoScale; defaults: ToyDefaults; seed: number; backend: string }): Record<'ti' | 'esd' | 'hypernetwork' | 'dreambooth', RawConfig> {
+export function demoConfigs(o: { model: string; out: string; data: DemoData; scale: DemoScale; defaults: ToyDefaults; seed: number; backend: string }): Record<'ti' | 'esd' | 'hypernetwork' | 'dreambooth', RawConfig> {
   const common = { model: o.model, seed: o.seed, backend: o.backend, save_every: 100_000 };
-  const circleCaptions = scenePrompts({ shapes: [ERASED_SHAPE], perShape: 24, styles: PRETRAIN_STYLES, seed: 3 }).map((p) => p.prompt);
+  const circleCaptions = scenePrompts({ shapes: [ERASED_SHAPE], perShape: 24, styles: NAMED_STYLES, seed: 3 }).map((p) => p.prompt);
+  const keptCaptions = scenePrompts({ shapes: NAMED_SHAPES.filter((s) => s !== ERASED_SHAPE), perShape: 6, styles: NAMED_STYLES, seed: 6 }).map((p) => p.prompt);
   return {
     ti: {
       ...common,
@@ -159,9 +174,11 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       steps: o.scale.steps.ti,
       batch_size: 8,
       gradient_accumulation_steps: 1,
-      // Measured on a 2,000-step toy model (24 images): 1 vector at 5e-3 drew hearts 8 %, 4 vectors 12.5 %.
+      // One vector from "shape", briefly: on the session-5 model (24 images) 100 steps at 5e-3 drew
+      // hearts 100 % (the initializer alone 92 %), while 300 steps at 1e-2 on an earlier checkpoint
+      // drifted to 71 % — longer or faster runs move the vector off what the UNet draws as a heart.
       learning_rate: 5e-3,
-      num_vectors: 4,
+      num_vectors: 1,
       placeholder_token: TI_TOKEN,
       initializer_token: GENERIC_SHAPE_WORD,
       template: 'none',
@@ -173,17 +190,20 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       method: 'esd',
       output_dir: path.join(o.out, 'esd'),
       preset: 'esd-2024',
-      // ESD-x on K/V only (esd_sd.py's esd-x-strict). Measured on the session-2 toy model (12 images
-      // per shape): all of attn2 at 2e-3 erased circles but took the other shapes' mean from 81 % to
-      // 48 %; K/V only at 2e-3 kept them on those 12 images (81 % → 83 %) and costs 11 points on the
-      // demo's 50 (circles 92 % → 28 %): the query and output projections act on every prompt alike,
-      // K/V only through the text states the erasure moved (sweep: docs/results.md).
+      // ESD-x on K/V only (esd_sd.py's esd-x-strict), with preserve prompts. Plain ESD-x found no
+      // setting meeting both bars on any toy model (the toy text encoder's states for captions of
+      // different shapes are close, so erasing one drags the rest; sweeps in docs/results.md). With
+      // captions of the other shapes kept (30 images per shape, 600 steps at 2e-3): η 8, weight 1:
+      // circles 97 → 10 %, others −34 points; weight 3: 20 % / −12; weight 6: 10 % / −8.5; η 12,
+      // weight 6: 17 % / −7.5.
       parameters: 'esd-x-strict',
       concept: circleCaptions.join('|'),
+      preserve: keptCaptions.join('|'),
+      preserve_weight: 6,
       separator: '|',
       steps: o.scale.steps.esd,
       learning_rate: 2e-3,
-      negative_guidance: 2,
+      negative_guidance: 8,
       start_guidance: o.defaults.guidance,
       ddim_steps: o.defaults.steps,
       resolution: 32,
@@ -194,6 +214,9 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       output_dir: path.join(o.out, 'hypernetwork'),
       hypernetwork_name: 'checkered',
       enable_sizes: [32, 64],
+      // 60 images, CFG 7.5: 300 steps at 1e-3 42 %, 600 at 2e-3 38 %, 1,500 at 2e-3 32 % — the
+      // base model's own "patterned" captions reach 62 % by the classifier, and longer runs drift.
+      // (The session-5 model, which never drew checkered: 40 / 55 / 47 % at 300 / 600 / 1,200.)
       steps: o.scale.steps.hypernetwork,
       batch_size: 8,
       gradient_accumulation_steps: 1,
@@ -213,12 +236,15 @@ export function demoConfigs(o: { model: string; out: string; data: Record<'ti' |
       steps: o.scale.steps.dreambooth,
       batch_size: 4,
       learning_rate: 2e-3,
+      // Prior preservation with captioned regularisation images of every named concept, not the
+      // class prompt "a shape": in this world "shape" is the word pretraining used for hearts, so
+      // its generated class images are hearts. Measured on the session-6 model (50 images): the
+      // captions without the identifier still lose 42 points either way (98 → 56 %; UNet-only
+      // adapters 58, 400 steps 50, lr 5e-4 42 with the object at 64 %) — the bar is unmet.
       with_prior_preservation: true,
-      class_prompt: DREAMBOOTH_CLASS_PROMPT,
-      num_class_images: 40,
-      class_sample_steps: o.defaults.steps,
-      class_guidance_scale: o.defaults.guidance,
-      class_batch_size: 8,
+      class_captions: 'sidecar',
+      class_data_dir: o.data.dreamboothReg,
+      num_class_images: o.scale.dataImages,
       save_formats: ['kohya'],
       output_name: 'sks-shape',
       data: { dir: o.data.dreambooth, resolution: 32, instance_prompt: DREAMBOOTH_PROMPT },
@@ -337,9 +363,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
     return rows;
   };
   const base: ToyEvalModel = { name: 'base', model };
-  const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: NAMED_SHAPES, perShape: n, styles: PRETRAIN_STYLES, seed: 1 }));
-  const heartPrompts = scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: PRETRAIN_STYLES, seed: 2 });
-  const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(heartPrompts, HELD_OUT.shape, TI_TOKEN));
+  const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: NAMED_SHAPES, perShape: n, styles: NAMED_STYLES, seed: 1 }));
+  const heartPrompts = scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: NAMED_STYLES, seed: 2 });
+  const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(heartPrompts, HELD_OUT.shape, TI_TRIGGER));
   // What the initializer word alone draws: pretraining captioned hearts (and some other shapes) "shape".
   const genericRows = await measure('generic-shape', [base], withToken(heartPrompts, HELD_OUT.shape, GENERIC_SHAPE_WORD));
   const styleless = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.ceil(n / NAMED_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: stylelessCaption(p.target) }));
@@ -350,7 +376,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   ], styleless);
   const sksPrompts: ToyPrompt[] = Array.from({ length: n }, (_, i) => ({ id: `sks-${i}`, prompt: DREAMBOOTH_PROMPT, target: { ...DREAMBOOTH_OBJECT }, seed: 500_000 + i }));
   const dbRows = await measure('dreambooth', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], sksPrompts);
-  const classPrompts = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.max(1, Math.round(n / NAMED_SHAPES.length)), styles: PRETRAIN_STYLES, seed: 5 });
+  const classPrompts = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.max(1, Math.round(n / NAMED_SHAPES.length)), styles: NAMED_STYLES, seed: 5 });
   const classRows = await measure('dreambooth-class', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], classPrompts);
 
   // 3. Rows and checks.
@@ -367,7 +393,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
     return { rate: list.reduce((a, b) => a + b.rate, 0) / list.length, images: Math.min(...list.map((x) => x.images)) };
   };
   for (const [m, label] of [['base', 'base.ti_prompts'], ['ti', 'ti.shape']] as const) {
-    put(label, m, `"${TI_TOKEN}" captions drawn as ${HELD_OUT.shape}${m === 'base' ? ' (no embedding: the tokenizer splits the token into pieces)' : ''}`, accuracyOf(byModel(tiRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')), meanScore(byModel(tiRows, m), TOY_DETECTOR, 'shape', HELD_OUT.shape));
+    put(label, m, `"${TI_TRIGGER}" captions drawn as ${HELD_OUT.shape}${m === 'base' ? ' (no embedding: the tokenizer splits the word into pieces)' : ''}`, accuracyOf(byModel(tiRows, m), TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')), meanScore(byModel(tiRows, m), TOY_DETECTOR, 'shape', HELD_OUT.shape));
   }
   put('base.generic.shape', 'base', `"${GENERIC_SHAPE_WORD}" captions (the embedding's initializer word) drawn as ${HELD_OUT.shape}`, accuracyOf(genericRows, TOY_DETECTOR, (r) => headHit(r, TOY_DETECTOR, 'shape')), meanScore(genericRows, TOY_DETECTOR, 'shape', HELD_OUT.shape));
   put('base.hn_prompts.style', 'base', `style-less captions drawn ${HELD_OUT.style} (no hypernetwork)`, labelRate(byModel(hnRows, 'base'), TOY_DETECTOR, 'style', HELD_OUT.style), meanScore(byModel(hnRows, 'base'), TOY_DETECTOR, 'style', HELD_OUT.style));
@@ -392,7 +418,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   const ob = others('base');
   const oe = others('esd');
   check('esd.others_drop', 'ESD-x: fall of the other shapes\' mean accuracy (points/100)', ob.rate - oe.rate, '<=', 0.1, Math.min(ob.images, oe.images));
-  check('ti.heldout_shape', `textual inversion: "${TI_TOKEN}" drawn as ${HELD_OUT.shape}`, rows['ti.shape']!.rate, '>=', 0.7, rows['ti.shape']!.images);
+  check('ti.heldout_shape', `textual inversion: "${TI_TRIGGER}" drawn as ${HELD_OUT.shape}`, rows['ti.shape']!.rate, '>=', 0.7, rows['ti.shape']!.images);
   check('hypernetwork.strength_1', `hypernetwork at strength 1: ${HELD_OUT.style} style`, rows['hypernetwork-1.style']!.rate, '>=', 0.7, rows['hypernetwork-1.style']!.images);
   check('hypernetwork.strength_0', `hypernetwork at strength 0: ${HELD_OUT.style} style`, rows['hypernetwork-0.style']!.rate, '<=', 0.1, rows['hypernetwork-0.style']!.images);
   check('dreambooth.identifier', `DreamBooth-LoRA: "${DREAMBOOTH_PROMPT}" shows the object's shape, colour and style`, rows['dreambooth.identifier']!.rate, '>=', 0.7, rows['dreambooth.identifier']!.images);

@@ -3,7 +3,7 @@
  * what `prepare` builds (ε and v targets, the class half, loss weights) and the class-image
  * cache (generated once, only what is missing, the same images however they are batched).
  */
-import { mkdtemp, readdir, readFile, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -90,6 +90,9 @@ describe('configs', () => {
     const found = issues(raw);
     expect(found).toMatch(/data\.instance_prompt: required/);
     expect(found).toMatch(/class_prompt: required with with_prior_preservation/);
+    const sidecar = issues({ ...raw, class_captions: 'sidecar' });
+    expect(sidecar).toMatch(/class_data_dir: required with class_captions: sidecar/);
+    expect(sidecar).not.toMatch(/class_prompt/);
     expect(found).toMatch(/save_formats\.0: 'single_file' is not a format of adapter lora/);
   });
 });
@@ -157,6 +160,32 @@ describe('prepare', () => {
     const row = text.length / 4;
     expect(Array.from(text.slice(0, row))).toEqual(Array.from(states('a photo of sks dog')));
     expect(Array.from(text.slice(3 * row))).toEqual(Array.from(states('a photo of dog')));
+    tf.dispose(Object.values(b));
+    dreambooth.dispose(s);
+  });
+
+  it('with class_captions sidecar: each class image trains with its own .txt caption, and none is generated', async () => {
+    const classDir = await mkdtemp(path.join(os.tmpdir(), 'sdwb-db-reg-'));
+    for (const [name, colour, caption] of [['a', '#808080', 'a grey square'], ['b', '#20c020', 'a green circle']] as const) {
+      await sharp({ create: { width: 32, height: 32, channels: 3, background: colour } }).png().toFile(path.join(classDir, `${name}.png`));
+      await writeFile(path.join(classDir, `${name}.txt`), caption);
+    }
+    const before = (await readdir(classDir)).sort();
+    const s = (await dreambooth.setup(
+      setupCtx(),
+      config({ adapter: 'lora', with_prior_preservation: true, class_captions: 'sidecar', class_data_dir: classDir, num_class_images: 10 }),
+    )) as DreamBoothState;
+    expect((await readdir(classDir)).sort()).toEqual(before);
+    const b = await dreambooth.prepare({ step: 0, micro: 0, random: stepRandom(0, 0, 0) }, s, raw);
+    const states = (prompt: string) =>
+      tf.tidy(() => Array.from(clipTextEncoder(tfOps, model.text.store.scope(), tf.tensor2d([model.tokenizer.encode(prompt)], undefined, 'int32'), model.text.cfg).lastHiddenState.dataSync()));
+    const text = b.text.dataSync();
+    const row = text.length / 4;
+    const classRows = [Array.from(text.slice(2 * row, 3 * row)), Array.from(text.slice(3 * row))];
+    // The two class samples of the first batch are the two images, in the dataset's seeded order.
+    const captions = [states('a grey square'), states('a green circle')];
+    expect(classRows.some((r) => JSON.stringify(r) === JSON.stringify(captions[0]))).toBe(true);
+    expect(classRows.some((r) => JSON.stringify(r) === JSON.stringify(captions[1]))).toBe(true);
     tf.dispose(Object.values(b));
     dreambooth.dispose(s);
   });
