@@ -23,11 +23,12 @@
  *
  * Class images are generated once, before training, into `class_data_dir` (default
  * `<output_dir>/class_images`); only the missing ones are generated, so a resumed or repeated
- * run reuses them. With `class_captions: sidecar` they are regularisation images the user
+ * run reuses them. Each is drawn from its own seed (seed, index), so which images exist does
+ * not depend on batching or on where a run was interrupted.
+ * With `class_captions: sidecar` the class images are instead regularisation images the user
  * supplies, each with its own caption (kohya's captioned reg images): a single class prompt
  * preserves only what that prompt draws, while captioned images can cover every prompt the
- * subject must not leak into. Each is drawn from its own seed (seed, index), so which images exist does
- * not depend on batching or on where a run was interrupted.
+ * subject must not leak into.
  *
  * Gradient checkpointing (`gradient_checkpointing: true`) recomputes every UNet ResNet and
  * transformer block in the backward pass (`src/train/checkpointing.ts`).
