@@ -29,6 +29,11 @@
  * supplies, each with its own caption (kohya's captioned reg images): a single class prompt
  * preserves only what that prompt draws, while captioned images can cover every prompt the
  * subject must not leak into.
+ * Neither holds the empty caption's prediction, which classifier-free guidance extrapolates from:
+ * adapters trained on captions alone also move it, and guidance then magnifies that change on
+ * every prompt. `class_caption_dropout_rate` trains that share of class samples with the empty
+ * caption, as kohya's caption dropout does for every image; instance samples keep their prompt,
+ * so the subject does not enter the unconditional prediction.
  *
  * Gradient checkpointing (`gradient_checkpointing: true`) recomputes every UNet ResNet and
  * transformer block in the backward pass (`src/train/checkpointing.ts`).
@@ -139,6 +144,14 @@ export const dreamboothConfigSchema = z
       .describe('Folder of class images; missing ones (up to num_class_images) are generated there once and reused. Default <output_dir>/class_images.'),
     num_class_images: z.number().int().min(1).default(100).describe('Class images to have (diffusers: minimal number; more in the folder are used too). Default 100.'),
     prior_loss_weight: z.number().min(0).default(1).describe('Weight of the prior-preservation loss. Default 1.'),
+    class_caption_dropout_rate: z
+      .number()
+      .min(0)
+      .max(1)
+      .default(0)
+      .describe(
+        'Probability of training a class image with the empty caption instead of its own (seeded, per sample): preserves the unconditional prediction that classifier-free guidance extrapolates from. Default 0 (diffusers).',
+      ),
     class_sample_steps: z.number().int().min(1).default(50).describe('Sampler steps per generated class image (the pipeline default). Default 50.'),
     class_guidance_scale: z.number().min(0).default(7.5).describe('Guidance of the generated class images. Default 7.5.'),
     class_negative_prompt: z.string().default('').describe('Negative prompt of the generated class images. Default "".'),
@@ -565,6 +578,7 @@ export const dreambooth: TrainingMethod<DreamBoothConfig, DreamBoothState, Dream
           center_crop: true,
           random_flip: cfg.data.random_flip,
           on_bad_image: cfg.data.on_bad_image,
+          caption_dropout_rate: cfg.class_caption_dropout_rate,
           upscale_small: true,
           background: cfg.data.background,
         },

@@ -189,6 +189,39 @@ describe('prepare', () => {
     tf.dispose(Object.values(b));
     dreambooth.dispose(s);
   });
+
+  it('class_caption_dropout_rate trains some class samples with the empty caption, never an instance sample', async () => {
+    const classDir = await mkdtemp(path.join(os.tmpdir(), 'sdwb-db-drop-'));
+    await sharp({ create: { width: 32, height: 32, channels: 3, background: '#808080' } }).png().toFile(path.join(classDir, 'a.png'));
+    const states = (prompt: string) =>
+      tf.tidy(() => JSON.stringify(Array.from(clipTextEncoder(tfOps, model.text.store.scope(), tf.tensor2d([model.tokenizer.encode(prompt)], undefined, 'int32'), model.text.cfg).lastHiddenState.dataSync())));
+    const [instance, klass, empty] = [states('a photo of sks dog'), states('a photo of dog'), states('')];
+    const seen = async (rate: number) => {
+      const s = (await dreambooth.setup(
+        setupCtx(),
+        config({ adapter: 'lora', with_prior_preservation: true, class_prompt: 'a photo of dog', class_data_dir: classDir, num_class_images: 1, class_caption_dropout_rate: rate }),
+      )) as DreamBoothState;
+      const rows: string[][] = [];
+      for (let step = 0; step < 8; step++) {
+        const b = await dreambooth.prepare({ step, micro: 0, random: stepRandom(0, step, 0) }, s, { ...raw, step });
+        const text = b.text.dataSync();
+        const row = text.length / 4;
+        rows.push([0, 1, 2, 3].map((i) => JSON.stringify(Array.from(text.slice(i * row, (i + 1) * row)))));
+        tf.dispose(Object.values(b));
+      }
+      dreambooth.dispose(s);
+      return rows;
+    };
+    const all = await seen(1);
+    expect(all.every((r) => r[0] === instance && r[1] === instance && r[2] === empty && r[3] === empty)).toBe(true);
+    const half = await seen(0.5);
+    expect(half.every((r) => r[0] === instance && r[1] === instance)).toBe(true);
+    const classRows = half.flatMap((r) => r.slice(2));
+    expect(classRows.every((r) => r === klass || r === empty)).toBe(true);
+    expect(classRows.filter((r) => r === empty).length).toBeGreaterThan(2);
+    expect(classRows.filter((r) => r === klass).length).toBeGreaterThan(2);
+    expect(JSON.stringify(await seen(0.5))).toBe(JSON.stringify(half));
+  });
 });
 
 describe('class images', () => {
