@@ -6,7 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 
-import type { DemoResults } from '../src/toy/demo.js';
+import { layoutText, type DemoResults } from '../src/toy/demo.js';
 
 const { values } = parseArgs({
   options: {
@@ -62,7 +62,7 @@ if (s.base !== undefined) table(`### Final base model at the chosen CFG ${s.base
 
 try {
   const d = JSON.parse(await readFile(values.demo, 'utf8')) as DemoResults;
-  out.push('', `### \`sdwb demo\`${d.fast ? ' --fast' : ''} (${d.seconds.toFixed(0)} s; CFG ${d.sampling.guidance}, ${d.sampling.steps} ${d.sampling.sampler} steps, ${d.sampling.prompts_per_row} prompts × ${d.sampling.images_per_prompt} images per row)`, '');
+  out.push('', `### \`sdwb demo\`${d.fast ? ' --fast' : ''} (${d.seconds.toFixed(0)} s; CFG ${d.sampling.guidance}, ${d.sampling.steps} ${d.sampling.sampler} steps, per measurement ${layoutText(d.sampling)})`, '');
   out.push('| check | value | bar | images | result |', '|---|---|---|---|---|');
   for (const c of d.checks) {
     const v = c.id === 'base.shapes_at_80' ? String(c.value) : pct(c.value);

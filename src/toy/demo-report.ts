@@ -8,7 +8,7 @@ import path from 'node:path';
 import { escapeHtml, thumbnailDataUri } from '../eval/report.js';
 import { readRowsFile } from '../eval/rows.js';
 import { writeTextAtomic } from '../io/atomic.js';
-import { MIN_IMAGES, type DemoResults } from './demo.js';
+import { layoutText, MIN_IMAGES, type DemoResults } from './demo.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 
@@ -69,7 +69,7 @@ tr.pass td:last-child{background:#d9f2d9}tr.fail td:last-child{background:#f7d4d
 </style></head><body>
 <h1>sd-workbench demo on the toy model</h1>
 <p>${r.pass ? '<b>All bars met.</b>' : r.fast ? `Fast run: rows have fewer than ${MIN_IMAGES} images, so bars are not judged; the directions are.` : '<b>Not all bars met.</b>'}
-Model <code>${escapeHtml(r.model)}</code>; sampling: ${escapeHtml(r.sampling.sampler)}, ${r.sampling.steps} steps, CFG ${r.sampling.guidance}, ${r.sampling.prompts_per_row} prompts × ${r.sampling.images_per_prompt} images per row. ${r.seconds.toFixed(0)} s.</p>
+Model <code>${escapeHtml(r.model)}</code>; sampling: ${escapeHtml(r.sampling.sampler)}, ${r.sampling.steps} steps, CFG ${r.sampling.guidance}, per measurement ${escapeHtml(layoutText(r.sampling))}. ${r.seconds.toFixed(0)} s.</p>
 <h2>Checks</h2><table><tr><th>id</th><th>what</th><th>value</th><th>bar</th><th>images</th><th>result</th></tr>
 ${checks}</table>
 <h2>Measured rows</h2><table><tr><th>row</th><th>what</th><th>rate</th><th>hits/images</th><th>mean probability of the target</th></tr>

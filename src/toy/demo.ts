@@ -22,7 +22,7 @@ import type { ResultRow } from '../eval/rows.js';
 import { runSdwbChild } from './child.js';
 import { writeToyDataset } from './dataset.js';
 import { accuracyOf, groupRows, headHit, labelRate, meanScore, rowHits, runToyEval, scenePrompts, TOY_DETECTOR, type Accuracy, type ToyEvalModel, type ToyPrompt } from './eval.js';
-import { captionOf, GENERIC_SHAPE_WORD, HELD_OUT, NAMED_SHAPES, NAMED_STYLES, type Scene, type Shape } from './world.js';
+import { captionOf, GENERIC_SHAPE_WORD, HELD_OUT, NAMED_SHAPES, NAMED_STYLES, type Scene, type Shape, type Style } from './world.js';
 
 /** The toy model's sampling defaults (`assets/toy-sd/toy.json`, written by `npm run toy:train`). */
 export const toyDefaultsSchema = z.object({
@@ -94,12 +94,20 @@ export interface DemoCheck {
   readonly pass: boolean;
 }
 
+/** Per measurement, prompts × images per prompt (one line for the report and docs/results.md). */
+export function layoutText(sampling: DemoResults['sampling']): string {
+  return Object.entries(sampling.measurements)
+    .map(([name, m]) => `${name} ${m.prompts} prompts × ${m.images_per_prompt} image${m.images_per_prompt === 1 ? '' : 's'}`)
+    .join(', ');
+}
+
 /** What `results.json` holds. */
 export interface DemoResults {
   readonly version: 1;
   readonly model: string;
   readonly fast: boolean;
-  readonly sampling: ToyDefaults & { readonly images_per_prompt: number; readonly prompts_per_row: number };
+  /** Sampler settings, and per measurement how many prompts and images per prompt its rows have. */
+  readonly sampling: ToyDefaults & { readonly measurements: Readonly<Record<string, { readonly prompts: number; readonly images_per_prompt: number }>> };
   readonly seeds: { readonly training: number; readonly prompts: number; readonly note: string };
   readonly methods: Readonly<Record<string, { readonly steps: number; readonly seconds: number; readonly file: string; readonly config: RawConfig }>>;
   readonly rows: Readonly<Record<string, Accuracy & { readonly model: string; readonly what: string; readonly mean_score?: number }>>;
@@ -315,6 +323,19 @@ async function trainMethod(id: string, raw: RawConfig, o: DemoOptions, log: (m: 
   return { ...done, fresh: true };
 }
 
+/**
+ * Readies a measurement's folder for `settings`: kept (so the harness resumes it) when it was made
+ * with the same settings, emptied otherwise — the harness refuses to resume a run of other prompts
+ * or models, and a demo of an earlier version or scale must not stop on that.
+ */
+export async function measurementDir(dir: string, settings: string): Promise<void> {
+  const marker = path.join(dir, 'demo-measurement.json');
+  const previous = (await exists(marker)) ? await readFile(marker, 'utf8') : undefined;
+  if (previous !== settings) await rm(dir, { recursive: true, force: true });
+  await mkdir(dir, { recursive: true });
+  await writeTextAtomic(marker, settings);
+}
+
 /** Raised when the signal stops the demo (everything finished so far is kept). */
 export class DemoInterrupted extends Error {
   override name = 'DemoInterrupted';
@@ -357,29 +378,35 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   const n = o.scale.prompts;
   const evalBase = { imagesPerPrompt: o.scale.images, guidance: defaults.guidance, steps: defaults.steps, backend: backend as 'wasm', log, progress: o.progress !== false, ...(o.signal === undefined ? {} : { signal: o.signal }) };
   const evalDirs: Record<string, string> = {};
-  const measure = async (name: string, models: ToyEvalModel[], prompts: ToyPrompt[]): Promise<ResultRow[]> => {
-    evalDirs[name] = path.join(out, 'eval', name);
-    log(`measuring ${name}: ${models.map((m) => m.name).join(', ')} × ${prompts.length} prompts × ${o.scale.images} images`);
-    const { rows, interrupted } = await runToyEval({ ...evalBase, models, prompts, outputDir: evalDirs[name]!, workers });
+  const layout: Record<string, { prompts: number; images_per_prompt: number }> = {};
+  const measure = async (name: string, models: ToyEvalModel[], prompts: ToyPrompt[], imagesPerPrompt = o.scale.images): Promise<ResultRow[]> => {
+    const dir = (evalDirs[name] = path.join(out, 'eval', name));
+    layout[name] = { prompts: prompts.length, images_per_prompt: imagesPerPrompt };
+    await measurementDir(dir, JSON.stringify({ models, prompts, imagesPerPrompt, guidance: evalBase.guidance, steps: evalBase.steps }));
+    log(`measuring ${name}: ${models.map((m) => m.name).join(', ')} × ${prompts.length} prompts × ${imagesPerPrompt} images`);
+    const { rows, interrupted } = await runToyEval({ ...evalBase, imagesPerPrompt, models, prompts, outputDir: dir, workers });
     if (interrupted) throw new DemoInterrupted(`measurement ${name} interrupted`);
     return rows;
   };
+  // Rows across the named shapes draw one image from each of as many prompts as a per-shape row
+  // has images: images of one prompt share its failures (one prompt's miss moved a 10-prompt row
+  // by 10 points), and with 2 prompts per shape the colours cycled through red and green only.
+  const acrossShapes = (styles: readonly Style[], seed: number) => scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.ceil((n * o.scale.images) / NAMED_SHAPES.length), styles, seed });
   const base: ToyEvalModel = { name: 'base', model };
   const shapeRows = await measure('shapes', [base, { name: 'esd-x', model, delta: methods['esd']!.file }], scenePrompts({ shapes: NAMED_SHAPES, perShape: n, styles: NAMED_STYLES, seed: 1 }));
   const heartPrompts = scenePrompts({ shapes: [HELD_OUT.shape], perShape: n, styles: NAMED_STYLES, seed: 2 });
   const tiRows = await measure('textual-inversion', [base, { name: 'ti', model, embedding: methods['ti']!.file }], withToken(heartPrompts, HELD_OUT.shape, TI_TRIGGER));
   // What the initializer word alone draws: pretraining captioned hearts (and some other shapes) "shape".
   const genericRows = await measure('generic-shape', [base], withToken(heartPrompts, HELD_OUT.shape, GENERIC_SHAPE_WORD));
-  const styleless = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.ceil(n / NAMED_SHAPES.length), styles: [HELD_OUT.style], seed: 4 }).map((p) => ({ ...p, prompt: stylelessCaption(p.target) }));
+  const styleless = acrossShapes([HELD_OUT.style], 4).map((p) => ({ ...p, prompt: stylelessCaption(p.target) }));
   const hnRows = await measure('hypernetwork', [
     base,
     { name: 'hypernetwork-1', model, hypernetwork: `${methods['hypernetwork']!.file}:1` },
     { name: 'hypernetwork-0', model, hypernetwork: `${methods['hypernetwork']!.file}:0` },
-  ], styleless);
+  ], styleless, 1);
   const sksPrompts: ToyPrompt[] = Array.from({ length: n }, (_, i) => ({ id: `sks-${i}`, prompt: DREAMBOOTH_PROMPT, target: { ...DREAMBOOTH_OBJECT }, seed: 500_000 + i }));
   const dbRows = await measure('dreambooth', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], sksPrompts);
-  const classPrompts = scenePrompts({ shapes: NAMED_SHAPES, perShape: Math.max(1, Math.round(n / NAMED_SHAPES.length)), styles: NAMED_STYLES, seed: 5 });
-  const classRows = await measure('dreambooth-class', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], classPrompts);
+  const classRows = await measure('dreambooth-class', [base, { name: 'dreambooth-lora', model, lora: methods['dreambooth']!.file }], acrossShapes(NAMED_STYLES, 5), 1);
 
   // 3. Rows and checks.
   const byModel = (rows: readonly ResultRow[], m: string) => rows.filter((r) => r.model === m);
@@ -431,7 +458,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
     version: 1,
     model,
     fast: o.fast,
-    sampling: { ...defaults, images_per_prompt: o.scale.images, prompts_per_row: n },
+    sampling: { ...defaults, measurements: layout },
     seeds: { training: seed, prompts: 1, note: "each prompt's seed is in its row (eval/<measurement>/rows.jsonl); image k is slice k of one noise batch drawn from it" },
     methods,
     rows,

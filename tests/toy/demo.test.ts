@@ -5,7 +5,7 @@
  * the LoRA makes "a sks shape" the trained object — and write results.json and report.html.
  * The bars themselves (≥ 50 images per row) are the full demo's job: docs/results.md.
  */
-import { mkdtemp, readFile, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -13,7 +13,7 @@ import sharp from 'sharp';
 import { describe, expect, it } from 'vitest';
 
 import { readRowsFile } from '../../src/eval/rows.js';
-import type { DemoResults } from '../../src/toy/demo.js';
+import { measurementDir, type DemoResults } from '../../src/toy/demo.js';
 import { runSdwb } from '../helpers/cli.js';
 
 describe('sdwb demo', () => {
@@ -68,6 +68,17 @@ describe('sdwb demo', () => {
     }
     expect(saved.checks.some((c) => c.met && !c.pass)).toBe(true);
   }, 900_000);
+
+  it('a measurement folder is kept for the same settings and emptied for others', async () => {
+    const dir = path.join(await mkdtemp(path.join(os.tmpdir(), 'sdwb-demo-m-')), 'eval', 'hypernetwork');
+    await measurementDir(dir, '{"prompts":1}');
+    await writeFile(path.join(dir, 'rows.jsonl'), 'done\n');
+    await measurementDir(dir, '{"prompts":1}');
+    expect(await readFile(path.join(dir, 'rows.jsonl'), 'utf8')).toBe('done\n');
+    await measurementDir(dir, '{"prompts":2}');
+    expect(await readdir(dir)).toEqual(['demo-measurement.json']);
+    expect(await readFile(path.join(dir, 'demo-measurement.json'), 'utf8')).toBe('{"prompts":2}');
+  });
 
   it('a folder without toy.json is refused with one clear line', async () => {
     const out = await mkdtemp(path.join(os.tmpdir(), 'sdwb-demo-bad-'));
