@@ -139,7 +139,7 @@ async function writeJson(file: string, value: unknown): Promise<void> {
 }
 
 /** A caption without the style word: what the hypernetwork trains on and is measured with. */
-const stylelessCaption = (s: Partial<Record<'colour' | 'shape' | 'background', string>>) => `a ${s.colour} ${s.shape} on a ${s.background} background`;
+export const stylelessCaption = (s: Partial<Record<'colour' | 'shape' | 'background', string>>) => `a ${s.colour} ${s.shape} on a ${s.background} background`;
 
 /** Where the demo's training images are. */
 type DemoData = Record<'ti' | 'hypernetwork' | 'dreambooth' | 'dreamboothReg', string>;
