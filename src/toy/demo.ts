@@ -103,7 +103,8 @@ export function layoutText(sampling: DemoResults['sampling']): string {
 
 /** What `results.json` holds. */
 export interface DemoResults {
-  readonly version: 1;
+  /** 2: `sampling.measurements` gives prompts × images per measurement (1 had one layout for all rows). */
+  readonly version: 2;
   readonly model: string;
   readonly fast: boolean;
   /** Sampler settings, and per measurement how many prompts and images per prompt its rows have. */
@@ -460,7 +461,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoResults> {
   check('dreambooth.class_change', 'DreamBooth-LoRA: change of accuracy on captions without the identifier (points/100)', classDrop, '<=', 0.1, Math.min(rows['base.class']!.images, rows['dreambooth-lora.class']!.images));
 
   const results: DemoResults = {
-    version: 1,
+    version: 2,
     model,
     fast: o.fast,
     sampling: { ...defaults, measurements: layout },
